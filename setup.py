@@ -1,0 +1,57 @@
+"""forgetless: a fast fine-tuning trainer that measures and limits catastrophic forgetting.
+
+Metadata lives here (the user fixed setup.py as the entry point); tool settings live in
+pyproject.toml.  torch is a range on purpose: CPU machines pin the CPU wheel themselves
+(see README), GPU machines keep whatever CUDA build they have.
+"""
+from setuptools import setup
+
+setup(
+    name="forgetless",
+    version="0.1.0",
+    description="LoRA, full fine-tuning and EWC with replay, fused Triton kernels, and a forgetting gate",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[
+        "kernels",
+        "trainer",
+        "trainer.demo",
+        "eval",
+        "bench",
+    ],
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4,<3",
+        "triton>=3.0; platform_system == 'Linux'",
+        "transformers>=4.45",
+        "safetensors>=0.4",
+        "datasets>=2.19",
+        "tokenizers>=0.19",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "peft>=0.13",
+            "backpack-for-pytorch>=1.6",
+            "opacus>=1.5",
+        ],
+        "bench": [
+            "peft>=0.13",
+            "backpack-for-pytorch>=1.6",
+            "opacus>=1.5",
+            "pytest-benchmark>=4",
+        ],
+        "tensorboard": ["tensorboard>=2.14"],
+    },
+    entry_points={
+        "console_scripts": [
+            "forgetless-train=trainer.run:main",
+            "forgetless-eval=eval.__main__:main",
+        ],
+    },
+)
