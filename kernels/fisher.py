@@ -1,0 +1,250 @@
+"""Fisher-accumulating linear backward: the weight gradient and the exact per-sample
+Fisher diagonal of a linear layer in one pass.
+
+For a linear layer ``y = x W^T`` (``W`` is ``[out, in]``) with inputs ``x`` of shape
+``(N, T, in)`` (or ``(N, in)``, i.e. ``T = 1``) and output gradients ``dy`` of shape
+``(N, T, out)``, sample ``n``'s weight gradient is ``G_n = dy_n^T x_n`` (a sum over its T
+positions).  This module computes
+
+    grad_weight = sum_n G_n                 (the ordinary weight gradient)
+    fisher      = sum_n G_n * G_n           (elementwise: the per-sample squares)
+
+with fp32 accumulation, never holding the N per-sample gradients at once:
+
+* Triton: one program per ``(out, in)`` tile loops over samples n and positions t,
+  accumulating ``P = dy_n[:, tile]^T x_n[:, tile]`` in registers, then ``grad += P`` and
+  ``fisher += P * P``.  Same FLOPs as the weight gradient plus one FMA per element per sample.
+* torch (the CPU fast path and the tests' oracle shape): batched matmuls over chunks of
+  samples (the chunk is sized so that the per-sample block stays under
+  ``TORCH_CHUNK_BYTES``), then square-and-sum; for ``T = 1`` it is ``mm(dy^2, x^2)``.
+
+The caller normalises (divides by N) if it wants a mean.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import backend
+
+# Bound on the fp32 per-sample gradient block the torch path holds at once.
+TORCH_CHUNK_BYTES = 32 << 20
+
+
+# --------------------------------------------------------------------------- Triton
+
+
+@triton.jit
+def _grad_fisher_kernel(
+    x_ptr, dy_ptr, grad_ptr, fisher_ptr,
+    N, T, IN, OUT,
+    stride_xn, stride_xt, stride_xi,
+    stride_dn, stride_dt, stride_do,
+    stride_go, stride_gi,
+    stride_fo, stride_fi,
+    HAS_GRAD: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_o = tl.program_id(0)
+    pid_i = tl.program_id(1)
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_t = tl.arange(0, BLOCK_T)
+    mask_o = offs_o < OUT
+    mask_i = offs_i < IN
+
+    grad = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+    fisher = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+    # Per-sample base pointers advance by pointer arithmetic (64-bit), so n * stride never
+    # overflows int32 on large activations.
+    x_base = x_ptr
+    dy_base = dy_ptr
+    for _n in range(0, N):
+        per_sample = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + offs_t
+            mask_t = t < T
+            dy = tl.load(
+                dy_base + t[:, None] * stride_dt + offs_o[None, :] * stride_do,
+                mask=mask_t[:, None] & mask_o[None, :], other=0.0,
+            )
+            x = tl.load(
+                x_base + t[:, None] * stride_xt + offs_i[None, :] * stride_xi,
+                mask=mask_t[:, None] & mask_i[None, :], other=0.0,
+            )
+            per_sample += tl.dot(
+                tl.trans(dy.to(DOT_DTYPE)), x.to(DOT_DTYPE), input_precision=INPUT_PRECISION
+            )
+        grad += per_sample
+        fisher += per_sample * per_sample
+        x_base += stride_xn
+        dy_base += stride_dn
+
+    mask = mask_o[:, None] & mask_i[None, :]
+    f_ptrs = fisher_ptr + offs_o[:, None] * stride_fo + offs_i[None, :] * stride_fi
+    if ACCUMULATE:
+        fisher += tl.load(f_ptrs, mask=mask, other=0.0)
+    tl.store(f_ptrs, fisher, mask=mask)
+    if HAS_GRAD:
+        g_ptrs = grad_ptr + offs_o[:, None] * stride_go + offs_i[None, :] * stride_gi
+        if ACCUMULATE:
+            grad += tl.load(g_ptrs, mask=mask, other=0.0)
+        tl.store(g_ptrs, grad, mask=mask)
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _dot_dtype(x: torch.Tensor, dy: torch.Tensor, interpreting: bool):
+    """The dtype both operands are cast to before ``tl.dot``.
+
+    Mixed inputs and anything under the interpreter (whose bf16 dot is wrong) go to fp32."""
+    if interpreting or x.dtype != dy.dtype or x.dtype not in _TL_DTYPES:
+        return tl.float32
+    return _TL_DTYPES[x.dtype]
+
+
+def _input_precision(dot_dtype) -> str:
+    # fp32 operands follow torch's own matmul setting, so the Fisher is as exact as the
+    # weight gradient torch would compute ("tf32" only when the user allowed it).
+    if dot_dtype == tl.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _default_blocks(out_features: int, in_features: int, interpreting: bool) -> tuple[int, int, int]:
+    if interpreting:
+        # The interpreter pays per program and per loop iteration, not per element.
+        return (min(128, triton.next_power_of_2(out_features)),
+                min(128, triton.next_power_of_2(in_features)), 64)
+    return 64, 64, 32
+
+
+def _grad_fisher_triton(
+    x3: torch.Tensor, dy3: torch.Tensor, grad_acc: torch.Tensor | None, fisher_acc: torch.Tensor,
+    accumulate: bool, interpreting: bool,
+    block_o: int | None = None, block_i: int | None = None, block_t: int | None = None,
+    num_warps: int = 4, num_stages: int = 2,
+) -> None:
+    n, t, in_features = x3.shape
+    out_features = dy3.shape[2]
+    d_o, d_i, d_t = _default_blocks(out_features, in_features, interpreting)
+    block_o, block_i, block_t = block_o or d_o, block_i or d_i, block_t or d_t
+    dot_dtype = _dot_dtype(x3, dy3, interpreting)
+    grid = (triton.cdiv(out_features, block_o), triton.cdiv(in_features, block_i))
+    has_grad = grad_acc is not None
+    g = grad_acc if has_grad else fisher_acc  # placeholder pointer, never touched
+    _grad_fisher_kernel[grid](
+        x3, dy3, g, fisher_acc,
+        n, t, in_features, out_features,
+        x3.stride(0), x3.stride(1), x3.stride(2),
+        dy3.stride(0), dy3.stride(1), dy3.stride(2),
+        g.stride(0), g.stride(1),
+        fisher_acc.stride(0), fisher_acc.stride(1),
+        HAS_GRAD=has_grad, ACCUMULATE=accumulate,
+        BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t,
+        DOT_DTYPE=dot_dtype, INPUT_PRECISION=_input_precision(dot_dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+
+
+# --------------------------------------------------------------------------- torch
+
+
+def _grad_fisher_torch(
+    x3: torch.Tensor, dy3: torch.Tensor, grad_acc: torch.Tensor | None, fisher_acc: torch.Tensor,
+    chunk_bytes: int = TORCH_CHUNK_BYTES,
+) -> None:
+    """Adds into the accumulators (which the caller zeroed for the out-of-place form)."""
+    n, t, in_features = x3.shape
+    out_features = dy3.shape[2]
+    if t == 1:
+        # One position per sample: G_n is the outer product dy_n x_n^T, so
+        # sum_n G_n^2 = (dy^2)^T (x^2) exactly, with no per-sample block at all.
+        x2 = x3[:, 0, :].float()
+        dy2 = dy3[:, 0, :].float()
+        fisher_acc.addmm_(dy2.square().t(), x2.square())
+        if grad_acc is not None:
+            grad_acc.addmm_(dy2.t(), x2)
+        return
+    per_sample_bytes = out_features * in_features * 4
+    chunk = max(1, min(n, chunk_bytes // max(per_sample_bytes, 1)))
+    buf = torch.empty((chunk, out_features, in_features), dtype=torch.float32, device=x3.device)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        block = buf[: stop - start]
+        torch.bmm(dy3[start:stop].float().transpose(1, 2), x3[start:stop].float(), out=block)
+        if grad_acc is not None:
+            grad_acc.add_(block.sum(0))
+        block.square_()
+        fisher_acc.add_(block.sum(0))
+
+
+# --------------------------------------------------------------------------- public
+
+
+def _as_3d(x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.dim() != dy.dim() or x.dim() not in (2, 3):
+        raise ValueError(
+            f"x and dy must both be (N, in)/(N, out) or (N, T, in)/(N, T, out); got x {tuple(x.shape)}, "
+            f"dy {tuple(dy.shape)}"
+        )
+    if x.shape[:-1] != dy.shape[:-1]:
+        raise ValueError(f"x {tuple(x.shape)} and dy {tuple(dy.shape)} disagree on the (N, T) dimensions")
+    if x.dim() == 2:
+        return x.unsqueeze(1), dy.unsqueeze(1)
+    return x, dy
+
+
+def _check_acc(name: str, acc: torch.Tensor | None, shape: tuple[int, int], device: torch.device) -> None:
+    if acc is None:
+        return
+    if tuple(acc.shape) != shape or acc.dtype != torch.float32 or acc.device != device:
+        raise ValueError(
+            f"{name} must be a float32 tensor of shape {shape} on {device}; got {acc.dtype} "
+            f"{tuple(acc.shape)} on {acc.device}"
+        )
+
+
+def linear_grad_and_fisher_(
+    x: torch.Tensor, dy: torch.Tensor, grad_acc: torch.Tensor | None, fisher_acc: torch.Tensor,
+    *, block_o: int | None = None, block_i: int | None = None, block_t: int | None = None,
+) -> None:
+    """In place: ``grad_acc += sum_n dy_n^T x_n`` (skipped when ``grad_acc`` is None) and
+    ``fisher_acc += sum_n (dy_n^T x_n)^2``; accumulators are fp32 ``[out, in]`` (any strides).
+
+    ``block_*`` set the Triton tile sizes (powers of two; ignored on the torch path)."""
+    x3, dy3 = _as_3d(x, dy)
+    shape = (dy3.shape[2], x3.shape[2])
+    _check_acc("fisher_acc", fisher_acc, shape, x.device)
+    _check_acc("grad_acc", grad_acc, shape, x.device)
+    choice = backend.select(x, dy)
+    if choice == "torch" or x3.shape[0] == 0:
+        _grad_fisher_torch(x3, dy3, grad_acc, fisher_acc)
+    else:
+        _grad_fisher_triton(x3, dy3, grad_acc, fisher_acc, accumulate=True,
+                            interpreting=choice == "interpret",
+                            block_o=block_o, block_i=block_i, block_t=block_t)
+
+
+def linear_grad_and_fisher(
+    x: torch.Tensor, dy: torch.Tensor,
+    *, block_o: int | None = None, block_i: int | None = None, block_t: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_weight, fisher)``, both fp32 ``[out, in]``, for x ``(N, [T,] in)`` and dy
+    ``(N, [T,] out)``: ``grad_weight = sum_n dy_n^T x_n``, ``fisher = sum_n (dy_n^T x_n)^2``."""
+    x3, dy3 = _as_3d(x, dy)
+    shape = (dy3.shape[2], x3.shape[2])
+    choice = backend.select(x, dy)
+    if choice == "torch" or x3.shape[0] == 0:
+        grad = torch.zeros(shape, dtype=torch.float32, device=x.device)
+        fisher = torch.zeros(shape, dtype=torch.float32, device=x.device)
+        _grad_fisher_torch(x3, dy3, grad, fisher)
+        return grad, fisher
+    grad = torch.empty(shape, dtype=torch.float32, device=x.device)
+    fisher = torch.empty(shape, dtype=torch.float32, device=x.device)
+    _grad_fisher_triton(x3, dy3, grad, fisher, accumulate=False, interpreting=choice == "interpret",
+                        block_o=block_o, block_i=block_i, block_t=block_t)
+    return grad, fisher

@@ -1,0 +1,141 @@
+"""linear_grad_and_fisher against a float64 per-sample einsum and BackPACK's SumGradSquared."""
+import warnings
+
+import pytest
+import torch
+
+from kernels import backend
+from kernels.fisher import linear_grad_and_fisher, linear_grad_and_fisher_
+
+
+def _reference(x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 per-sample gradients materialised, then summed and squared-and-summed."""
+    x64, dy64 = x.double(), dy.double()
+    if x.dim() == 2:
+        x64, dy64 = x64.unsqueeze(1), dy64.unsqueeze(1)
+    per_sample = torch.einsum("nto,nti->noi", dy64, x64)
+    return per_sample.sum(0), per_sample.square().sum(0)
+
+
+def _backpack_sum_grad_squared(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    from backpack import backpack, extend
+    from backpack.extensions import SumGradSquared
+
+    layer = extend(torch.nn.Linear(x.shape[-1], dy.shape[-1], bias=False).double())
+    # The "loss" sum_n <y_n, dy_n> has dy_n as its gradient w.r.t. y_n, so BackPACK's
+    # per-sample gradients are dy_n^T x_n, the same quantity the kernel squares.
+    loss = (layer(x.double()) * dy.double()).sum()
+    with warnings.catch_warnings():
+        # BackPACK's module hooks fire on outputs only: x does not require grad, by design.
+        warnings.filterwarnings("ignore", message="Full backward hook")
+        with backpack(SumGradSquared()):
+            loss.backward()
+    return layer.weight.sum_grad_squared.detach()
+
+
+def _assert_close(got, want, rtol=1e-5):
+    scale = want.abs().max().clamp_min(1e-30)
+    err = (got.double() - want).abs().max() / scale
+    assert err < rtol, f"max error {err:.3e} (relative to max |ref|)"
+
+
+SHAPES = [  # (N, T or None, in, out)
+    (3, 5, 7, 11),
+    (1, 9, 13, 6),     # N = 1
+    (4, 1, 10, 5),     # T = 1 as a 3-D input
+    (5, None, 12, 9),  # 2-D input
+    (1, None, 3, 2),
+]
+
+
+def _inputs(n, t, i, o, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape_x = (n, i) if t is None else (n, t, i)
+    shape_dy = (n, o) if t is None else (n, t, o)
+    return torch.randn(shape_x, generator=g), torch.randn(shape_dy, generator=g)
+
+
+@pytest.mark.parametrize("n,t,i,o", SHAPES)
+def test_torch_path_matches_float64_and_backpack(n, t, i, o):
+    x, dy = _inputs(n, t, i, o)
+    grad_ref, fisher_ref = _reference(x, dy)
+    with backend.forced("torch"):
+        grad, fisher = linear_grad_and_fisher(x, dy)
+    assert grad.dtype == fisher.dtype == torch.float32
+    _assert_close(grad, grad_ref)
+    _assert_close(fisher, fisher_ref)
+    _assert_close(fisher, _backpack_sum_grad_squared(x, dy))
+
+
+def test_torch_path_small_chunks_and_strided_inputs(monkeypatch):
+    import kernels.fisher as fisher_mod
+
+    # Force one sample per chunk and feed transposed (non-contiguous) inputs.
+    monkeypatch.setattr(fisher_mod, "TORCH_CHUNK_BYTES", 1)
+    x = torch.randn(6, 11, 5).transpose(1, 2)  # (6, 5, 11) strided
+    dy = torch.randn(6, 7, 5).transpose(1, 2)
+    grad_ref, fisher_ref = _reference(x, dy)
+    with backend.forced("torch"):
+        grad, fisher = linear_grad_and_fisher(x, dy)
+    _assert_close(grad, grad_ref)
+    _assert_close(fisher, fisher_ref)
+
+
+def test_in_place_variant_adds_and_accepts_no_grad():
+    x1, dy1 = _inputs(3, 4, 6, 5, seed=1)
+    x2, dy2 = _inputs(2, 4, 6, 5, seed=2)
+    g_ref = _reference(x1, dy1)[0] + _reference(x2, dy2)[0]
+    f_ref = _reference(x1, dy1)[1] + _reference(x2, dy2)[1]
+    grad = torch.zeros(5, 6)
+    fisher = torch.zeros(5, 6)
+    with backend.forced("torch"):
+        linear_grad_and_fisher_(x1, dy1, grad, fisher)
+        linear_grad_and_fisher_(x2, dy2, grad, fisher)
+        fisher_only = torch.zeros(5, 6)
+        linear_grad_and_fisher_(x1, dy1, None, fisher_only)
+    _assert_close(grad, g_ref)
+    _assert_close(fisher, f_ref)
+    _assert_close(fisher_only, _reference(x1, dy1)[1])
+
+
+def test_bf16_inputs_accumulate_in_fp32():
+    x, dy = _inputs(3, 6, 9, 7)
+    xb, dyb = x.bfloat16(), dy.bfloat16()
+    grad_ref, fisher_ref = _reference(xb.float(), dyb.float())  # exact values of the bf16 inputs
+    with backend.forced("torch"):
+        grad, fisher = linear_grad_and_fisher(xb, dyb)
+    _assert_close(grad, grad_ref)
+    _assert_close(fisher, fisher_ref)
+
+
+def test_shape_errors_say_what_is_wrong():
+    with pytest.raises(ValueError, match="disagree"):
+        linear_grad_and_fisher(torch.zeros(2, 3, 4), torch.zeros(2, 4, 5))
+    with pytest.raises(ValueError, match="fisher_acc"):
+        linear_grad_and_fisher_(torch.zeros(2, 4), torch.zeros(2, 5), None, torch.zeros(4, 5))
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("n,t,i,o", SHAPES)
+def test_triton_interpreter_small_blocks(n, t, i, o):
+    # 4/8-wide tiles on odd shapes: several tiles, masked edges, T split over blocks.
+    x, dy = _inputs(n, t, i, o, seed=3)
+    grad_ref, fisher_ref = _reference(x, dy)
+    with backend.forced("triton"):
+        grad, fisher = linear_grad_and_fisher(x, dy, block_o=8, block_i=4, block_t=4)
+    _assert_close(grad, grad_ref)
+    _assert_close(fisher, fisher_ref)
+
+
+@pytest.mark.interpret
+def test_triton_interpreter_in_place_bf16_and_strided():
+    x, dy = _inputs(3, 7, 10, 6, seed=4)
+    xb = x.bfloat16().transpose(0, 1).contiguous().transpose(0, 1)  # strided, bf16
+    dyb = dy.bfloat16()
+    grad_ref, fisher_ref = _reference(xb.float(), dyb.float())
+    grad = torch.ones(6, 10)
+    fisher = torch.full((10, 6), 2.0).t()  # strided accumulator [6, 10]
+    with backend.forced("triton"):
+        linear_grad_and_fisher_(xb, dyb, grad, fisher, block_o=4, block_i=8, block_t=4)
+    _assert_close(grad, grad_ref + 1.0)
+    _assert_close(fisher, fisher_ref + 2.0)
