@@ -1,0 +1,94 @@
+"""``python -m bench [lora|fisher|ewc|e2e|all] [--device cpu|cuda] [--quick]``
+
+Runs the chosen benchmarks, appends their rows to ``bench/results/<device>-<date>.csv``,
+prints the ours / peer ratio table and the issue targets, and draws one PNG per kernel.
+See bench/README.md for what each provider is and how memory is measured.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+# The Triton interpreter is for tests only; a benchmark must time the real CPU path.
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    print("bench: unsetting TRITON_INTERPRET (benchmarks time the torch path on CPU)", file=sys.stderr)
+    os.environ["TRITON_INTERPRET"] = "0"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from bench import harness  # noqa: E402
+
+SUITES = ("lora", "fisher", "ewc", "e2e")
+
+
+def _suite(name: str) -> tuple[Callable[[harness.BenchContext], None], list[harness.Target]]:
+    # Imported lazily so one suite's missing dependency does not stop the others.
+    if name == "lora":
+        from bench import bench_lora as mod
+    elif name == "fisher":
+        from bench import bench_fisher as mod
+    elif name == "ewc":
+        from bench import bench_ewc as mod
+    else:
+        from bench import bench_e2e as mod
+    return mod.run, mod.TARGETS
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1])
+    parser.add_argument("suite", nargs="?", default="all", choices=(*SUITES, "all"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats: checks the harness (< 2 min)")
+    parser.add_argument("--results-dir", type=Path, default=harness.RESULTS_DIR,
+                        help="where the CSV and PNGs go (default: bench/results)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench: --device cuda but torch sees no CUDA device; use --device cpu", file=sys.stderr)
+        return 2
+    ctx = harness.BenchContext(device=torch.device(args.device), quick=args.quick,
+                               warmup=1 if args.quick else 2, repeats=args.repeats or (3 if args.quick else 7))
+    print(f"bench: {ctx.device_name}, torch {torch.__version__}, version {ctx.version}, "
+          f"{'quick' if args.quick else 'full'} run, started {ctx.timestamp}", flush=True)
+    targets: list[harness.Target] = []
+    started = time.perf_counter()
+    for name in SUITES if args.suite == "all" else (args.suite,):
+        print(f"== {name}", flush=True)
+        suite_start = time.perf_counter()
+        try:
+            run, suite_targets = _suite(name)
+        except ImportError as exc:
+            ctx.note(f"{name}: not run, a dependency is missing ({exc})")
+            continue
+        targets += suite_targets
+        run(ctx)
+        print(f"   {name} took {time.perf_counter() - suite_start:.1f} s", flush=True)
+    if not ctx.rows:
+        harness.print_ratio_table(ctx.rows, ctx.notes)
+        print("bench: nothing was measured", file=sys.stderr)
+        return 1
+    csv_path = harness.write_csv(ctx.rows, harness.results_path(ctx, args.results_dir))
+    harness.print_ratio_table(ctx.rows, ctx.notes)
+    harness.print_targets(ctx.rows, targets)
+    print(f"\nbench: {len(ctx.rows)} rows appended to {csv_path}", flush=True)
+    if not args.no_plots:
+        prefix = csv_path.stem + ("-quick" if args.quick else "")
+        for png in harness.plot_kernels(ctx.rows, args.results_dir, prefix):
+            print(f"bench: plot {png}")
+    print(f"bench: total {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
