@@ -1,0 +1,117 @@
+"""Step checkpoints: written atomically, weights in safetensors, state loaded without pickle code.
+
+A checkpoint directory ``output_dir/checkpoint-<step>/`` holds
+
+* ``trainable.safetensors``: the trainable weights (the LoRA factors, or every weight of a
+  full fine-tune) - the base model itself is reloaded from its own directory on resume;
+* ``state.pt``: optimizer state, the step (which is the data position: the batch plan is a
+  pure function of the seed), RNG states, early-stopping state; plain tensors, ints, floats
+  and lists only, read back with ``torch.load(weights_only=True)``;
+* ``trainer_state.json``: the same scalars in readable form.
+
+It is written under ``.tmp-checkpoint-<step>`` and renamed into place, so a crash mid-write
+never leaves a half checkpoint that ``latest`` would pick.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    """What the loop needs, besides weights and optimizer, to continue exactly."""
+
+    step: int
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    tokens_seen: int = 0
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(int(x) for x in state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Finished checkpoints in ``output_dir``, oldest step first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CKPT.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(spec: str, output_dir: str | Path) -> Path:
+    """``latest`` -> the newest checkpoint in output_dir; else the given directory, checked."""
+    if spec == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise FileNotFoundError(f"resume_from_checkpoint=latest: no checkpoint-<step> directory in {output_dir}")
+        return found[-1]
+    path = Path(spec)
+    if not (path / "state.pt").is_file() or not (path / "trainable.safetensors").is_file():
+        raise FileNotFoundError(f"resume_from_checkpoint={spec}: not a checkpoint directory (needs state.pt "
+                                "and trainable.safetensors)")
+    return path
+
+
+def save_checkpoint(output_dir: str | Path, trainable: dict[str, torch.Tensor], optimizer_state: dict,
+                    state: TrainerState, save_total_limit: int = 0, rng: dict | None = None,
+                    best: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``checkpoint-<step>`` atomically; ``rng`` defaults to the current RNG state and
+    ``best`` (the best weights so far, for early stopping) goes to ``best.safetensors``."""
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"checkpoint-{state.step}"
+    tmp = root / f".tmp-checkpoint-{state.step}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    if best is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in best.items()}, str(tmp / "best.safetensors"))
+    scalars = state.__dict__.copy()
+    torch.save({"optimizer": optimizer_state, "trainer": scalars, "rng": rng or rng_state()}, tmp / "state.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(scalars, indent=2), encoding="utf-8")
+    if final.exists():  # same step saved twice (e.g. interrupt right after a periodic save)
+        shutil.rmtree(final)
+    tmp.rename(final)
+    if save_total_limit > 0:
+        for old in list_checkpoints(root)[:-save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, TrainerState, dict]:
+    """(trainable weights, optimizer state, TrainerState, rng state) of a checkpoint."""
+    path = Path(path)
+    trainable = load_file(str(path / "trainable.safetensors"))
+    blob = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+    return trainable, blob["optimizer"], TrainerState(**blob["trainer"]), blob["rng"]
+
+
+def load_best(path: str | Path) -> dict[str, torch.Tensor] | None:
+    """The best weights saved with a checkpoint (early stopping), if any."""
+    best = Path(path) / "best.safetensors"
+    return load_file(str(best)) if best.is_file() else None

@@ -1,0 +1,260 @@
+"""The one training config: a dataclass with Hugging Face names, its help text beside each field.
+
+``python -m trainer.run [--config FILE.yaml] [key=value ...]``: the YAML file is read first,
+then the ``key=value`` overrides, each checked against the fields here. An unknown key is an
+error naming the closest valid ones; a value of the wrong type is an error naming the key, the
+value and the type wanted. ``--help`` prints every field with its default and its help line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("full", "lora", "ewc", "lora_ewc")
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix (unknown key, bad value, missing file)."""
+
+
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field whose help line (and allowed values) live next to it."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train ---------------------------------------------------------------------
+    model: str = _f("demo", "local HF model directory (safetensors weights); 'demo' builds/loads the demo base")
+    tokenizer: str | None = _f(None, "tokenizer directory; default: the model directory")
+    method: str = _f("lora", "what trains: full | lora | ewc (full + Fisher penalty) | lora_ewc", METHODS)
+    trust_remote_code: bool = _f(False, "allow model code from the model directory (off unless you trust it)")
+    # --- data ------------------------------------------------------------------------------
+    data: str | None = _f(None, "task JSONL: rows {text} | {prompt, completion} | {messages}; 'demo' = the demo support task")
+    eval_data: str | None = _f(None, "validation JSONL; default: validation_split of data")
+    validation_split: float = _f(0.05, "share of data held out for validation when eval_data is not set (0 = none)")
+    replay_data: str | None = _f(None, "general JSONL mixed into training (replay); 'demo' = the demo general corpus")
+    replay_ratio: float = _f(0.0, "share of training examples drawn from replay_data (0 = no replay)")
+    max_length: int = _f(256, "tokens per example; longer rows are truncated (and counted in the log)")
+    # --- batch and schedule ----------------------------------------------------------------
+    output_dir: str = _f("runs/latest", "where the model/adapter, checkpoints, metrics and reports go")
+    seed: int = _f(0, "seed for init, data order, replay mixing and dropout")
+    per_device_train_batch_size: int = _f(16, "examples per micro-batch on each process")
+    per_device_eval_batch_size: int = _f(32, "examples per validation batch on each process")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    num_train_epochs: float = _f(1.0, "passes over the task data (ignored when max_steps > 0)")
+    max_steps: int = _f(0, "optimizer steps; > 0 overrides num_train_epochs")
+    learning_rate: float = _f(1e-3, "peak AdamW learning rate")
+    lr_scheduler_type: str = _f("cosine", "decay after warmup: linear | cosine | constant", ("linear", "cosine", "constant"))
+    warmup_steps: int = _f(0, "linear warmup steps from 0 to learning_rate")
+    warmup_ratio: float = _f(0.0, "warmup as a share of all steps (used when warmup_steps = 0)")
+    weight_decay: float = _f(0.0, "AdamW decoupled weight decay (not applied to biases and norms)")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _f(1.0, "clip the global gradient norm to this (0 = no clipping)")
+    # --- LoRA ------------------------------------------------------------------------------
+    lora_r: int = _f(8, "LoRA rank")
+    lora_alpha: float = _f(16.0, "LoRA alpha; scale = alpha / r (alpha / sqrt(r) with use_rslora)")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA input")
+    lora_targets: list[str] = _f(["all-linear"], "module names to adapt (e.g. q_proj,v_proj) or all-linear")
+    use_rslora: bool = _f(False, "rank-stabilised LoRA scale alpha / sqrt(r)")
+    # --- EWC -------------------------------------------------------------------------------
+    ewc_lambda: float = _f(1.0, "EWC strength: penalty lambda/2 * sum F (w - w*)^2")
+    fisher_data: str | None = _f(None, "general JSONL for the Fisher; default: replay_data")
+    fisher_samples: int = _f(256, "examples used to estimate the Fisher")
+    fisher_kind: str = _f("empirical", "empirical (observed labels) | mc (labels sampled from the model)", ("empirical", "mc"))
+    fisher_path: str | None = _f(None, "reuse this Fisher file (safetensors) instead of estimating one")
+    previous_fisher: str | None = _f(None, "online EWC: earlier Fisher file merged as gamma*F_old + F_new")
+    ewc_online_gamma: float = _f(1.0, "online EWC decay of previous_fisher")
+    # --- validation, early stopping, checkpoints -------------------------------------------
+    eval_steps: int = _f(0, "validation loss every N steps (0 = only at the end)")
+    early_stopping_patience: int = _f(0, "stop after N evaluations without improvement, restoring the best weights (0 = off)")
+    save_steps: int = _f(0, "checkpoint every N steps (0 = only on interrupt)")
+    save_total_limit: int = _f(2, "keep at most N checkpoints (0 = keep all)")
+    resume_from_checkpoint: str | None = _f(None, "checkpoint directory, or 'latest' in output_dir")
+    # --- logging and hardware --------------------------------------------------------------
+    logging_steps: int = _f(1, "write metrics.jsonl every N steps")
+    report_to: str = _f("none", "none | tensorboard", ("none", "tensorboard"))
+    bf16: str = _f("auto", "bf16 autocast: auto (on when CUDA supports it) | true | false", ("auto", "true", "false"))
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    fsdp: bool = _f(False, "shard full fine-tuning with FSDP2 (fully_shard) under torchrun")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    progress: bool = _f(True, "show the tqdm progress bar")
+    # --- end-of-run forgetting report ------------------------------------------------------
+    capability_suite: str | None = _f(None, "eval suite JSONL scored on base and tuned model at the end ('demo' = demo suite)")
+    capability_task: str | None = _f(None, "eval suite JSONL of the target task, for the target gain in the report")
+    capability_max_drop: float | None = _f(None, "fail the run (exit 1) when a capability drops by more than N points")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def help_text() -> str:
+    """Every key with its default and help line, grouped as in the dataclass."""
+    lines = ["usage: python -m trainer.run [--config FILE.yaml] [key=value ...]", "", "keys (default):"]
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        shown = ",".join(default) if isinstance(default, list) else default
+        lines.append(f"  {f.name}={shown}")
+        lines.append(f"      {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Turn a YAML or command-line value into the field's type, or raise a ConfigError."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+            return None
+        hint = next(a for a in args if a is not type(None))
+    want = getattr(hint, "__name__", str(hint))
+    try:
+        if typing.get_origin(hint) is list:
+            items = value if isinstance(value, list) else [s.strip() for s in str(value).split(",")]
+            return [str(s) for s in items if str(s)]
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if hint is str:
+            if isinstance(value, bool):  # YAML reads `bf16: true` as a bool
+                return "true" if value else "false"
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r}: expected {want}") from None
+    raise ConfigError(f"{key}: unsupported field type {hint}")
+
+
+def _unknown_key_error(key: str, source: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(close)}?" if close else "; run with --help for the list"
+    return ConfigError(f"unknown config key {key!r} ({source}){hint}")
+
+
+def build_config(values: dict[str, Any], source: str = "overrides") -> TrainConfig:
+    """A TrainConfig from a mapping of raw values, every key and value checked."""
+    hints = field_types()
+    checked: dict[str, Any] = {}
+    for key, raw in values.items():
+        if key not in hints:
+            raise _unknown_key_error(key, source)
+        checked[key] = _coerce(key, raw, hints[key])
+    cfg = TrainConfig(**checked)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        value = getattr(cfg, f.name)
+        if choices and value not in choices:
+            raise ConfigError(f"{f.name}={value!r}: must be one of {', '.join(choices)}")
+    positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "max_length", "lora_r", "logging_steps")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name}={getattr(cfg, name)}: must be >= 1")
+    if not 0.0 <= cfg.replay_ratio < 1.0:
+        raise ConfigError(f"replay_ratio={cfg.replay_ratio}: must be in [0, 1)")
+    if not 0.0 <= cfg.validation_split < 1.0:
+        raise ConfigError(f"validation_split={cfg.validation_split}: must be in [0, 1)")
+    if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
+        raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
+    if cfg.learning_rate <= 0:
+        raise ConfigError(f"learning_rate={cfg.learning_rate}: must be > 0")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        raise ConfigError(f"lora_dropout={cfg.lora_dropout}: must be in [0, 1)")
+    if cfg.replay_ratio > 0 and not cfg.replay_data:
+        raise ConfigError("replay_ratio > 0 needs replay_data")
+
+
+def parse_args(argv: list[str]) -> TrainConfig:
+    """``[--config FILE.yaml] [key=value ...]`` -> TrainConfig (the file first, then overrides)."""
+    return parse_command_line(argv)[0]
+
+
+def parse_command_line(argv: list[str]) -> tuple[TrainConfig, set[str]]:
+    """Like :func:`parse_args`, plus the set of keys the user gave (file or command line)."""
+    values: dict[str, Any] = {}
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--config", "-c"):
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a YAML file")
+            values.update(load_yaml(argv[i + 1]))
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            values.update(load_yaml(arg.split("=", 1)[1]))
+        elif "=" in arg:
+            key, value = arg.split("=", 1)
+            key = key.lstrip("-").replace("-", "_")
+            hints = field_types()
+            if key not in hints:
+                raise _unknown_key_error(key, "command line")
+            overrides[key] = value
+        else:
+            raise ConfigError(f"cannot read argument {arg!r}: expected key=value or --config FILE.yaml")
+        i += 1
+    for key in values:
+        if key not in field_types():
+            raise _unknown_key_error(key, "config file")
+    merged = {**values, **overrides}
+    return build_config(merged, source="config"), set(merged)
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def format_config(cfg: TrainConfig) -> str:
+    return "\n".join(f"  {k}: {v}" for k, v in cfg.to_dict().items())
