@@ -344,7 +344,7 @@ class Target:
 
 
 def target_lines(rows: Sequence[Row], targets: Sequence[Target]) -> list[str]:
-    lines = [f"{'target':<62} {'ours/peer':>9} {'goal':>8}  result"]
+    lines = [f"{'target':<84} {'ours/peer':>9} {'goal':>8}  result"]
     for t in targets:
         pairs = {}
         for row in rows:
@@ -352,12 +352,12 @@ def target_lines(rows: Sequence[Row], targets: Sequence[Target]) -> list[str]:
                 pairs.setdefault(_group_key(row), {})[row.provider] = row
         found = [(g[OURS], g[t.peer]) for g in pairs.values() if OURS in g and t.peer in g]
         if not found:
-            lines.append(f"{t.label:<62} {'-':>9} {t.goal():>8}  not measured in this run")
+            lines.append(f"{t.label:<84} {'-':>9} {t.goal():>8}  not measured in this run")
             continue
         for ours, peer in found:
             ratio = ours.p50 / peer.p50 if peer.p50 else float("inf")
             met = (t.max_ratio is None or ratio <= t.max_ratio) and (t.min_ratio is None or ratio >= t.min_ratio)
-            lines.append(f"{t.label:<62} {ratio:>9.3f} {t.goal():>8}  {'met' if met else 'MISSED'}")
+            lines.append(f"{t.label:<84} {ratio:>9.3f} {t.goal():>8}  {'met' if met else 'MISSED'}")
     return lines
 
 
