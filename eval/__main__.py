@@ -1,0 +1,151 @@
+"""``python -m eval`` / ``forgetless-eval``: score a model, compare with a baseline, gate.
+
+Exit codes: 0 scored (and the gate passed, when one was asked for); 1 the gate failed (some
+category dropped by more than --max-drop points, named on stdout); 2 bad input (a missing
+or malformed file, a model that does not load), with a message and no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .capability import score_model
+from .gate import compare_reports, gate_message
+from .render import markdown_table, write_report
+from .report import ReportError, read_report
+from .suite import SuiteError, load_suite
+
+EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class BadInput(Exception):
+    """Anything the user must fix before the evaluation can run."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="local Hugging Face model directory (config + weights + tokenizer)")
+    p.add_argument("--adapter", help="PEFT-format LoRA adapter directory (adapter_config.json + "
+                                     "adapter_model.safetensors) applied to --model")
+    p.add_argument("--suite", required=True, help="capability suite, JSONL (see eval/README.md)")
+    p.add_argument("--task", help="target-task suite, same JSONL format; its accuracy is the target score")
+    p.add_argument("--text", help="held-out general text (UTF-8) for perplexity")
+    base = p.add_mutually_exclusive_group()
+    base.add_argument("--baseline", help="REPORT.json of the base model to compare against")
+    base.add_argument("--base-model", help="base model directory: scored here (cached by weight hash) as the baseline")
+    p.add_argument("--max-drop", type=float, help="gate: exit 1 when any category drops by more than this many points")
+    p.add_argument("--out", required=True, help="REPORT.json path; .md and .png are written beside it")
+    p.add_argument("--name", help="run name in the report (default: the --out file stem)")
+    p.add_argument("--task-format", help="regex of the task's answer format (overrides the suite's _meta.task_format)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="default generation budget for rows without one")
+    p.add_argument("--limit", type=int, help="score only the first N rows of each suite (quick checks)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype (default: float32 on CPU, the checkpoint's own on CUDA)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the score cache")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no table on stdout")
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.max_drop is not None and not (args.baseline or args.base_model):
+        raise BadInput("--max-drop needs a baseline: pass --baseline REPORT.json or --base-model DIR")
+    if args.max_drop is not None and args.max_drop < 0:
+        raise BadInput(f"--max-drop must be >= 0 points, got {args.max_drop}")
+    for name in ("batch_size", "max_new_tokens", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise BadInput(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for flag, value in (("--model", args.model), ("--base-model", args.base_model)):
+        if value is not None and not Path(value).is_dir():
+            raise BadInput(f"{flag} {value}: not a directory")
+    if args.adapter is not None:
+        adapter = Path(args.adapter)
+        if not (adapter / "adapter_config.json").is_file():
+            raise BadInput(f"--adapter {adapter}: no adapter_config.json (expected a PEFT-format adapter directory)")
+        if not (adapter / "adapter_model.safetensors").is_file():
+            raise BadInput(f"--adapter {adapter}: no adapter_model.safetensors (only safetensors adapters are read)")
+    if args.text is not None and not Path(args.text).is_file():
+        raise BadInput(f"--text {args.text}: file not found")
+    out = Path(args.out)
+    if out.is_dir():
+        raise BadInput(f"--out {out}: is a directory; give a file path such as {out / 'report.json'}")
+
+
+def load_model(model_dir: str, adapter_dir: str | None, device: str | None, dtype: str | None):
+    """AutoModelForCausalLM + AutoTokenizer from a local directory, optionally with a LoRA adapter."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("auto" if device.startswith("cuda") else "float32")
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # the name changed in 4.56
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, **{dtype_kw: torch_dtype})
+    except (OSError, ValueError, KeyError) as exc:
+        raise BadInput(f"--model {model_dir}: cannot load a causal LM and tokenizer from it ({exc})") from None
+    if adapter_dir is not None:
+        try:
+            from kernels.peft_format import load_adapter  # lazy: plain models need no kernels
+        except ImportError as exc:
+            raise BadInput(f"--adapter needs kernels.peft_format, which cannot be imported ({exc})") from None
+        try:
+            model = load_adapter(model, adapter_dir) or model
+        except (OSError, ValueError, KeyError) as exc:
+            raise BadInput(f"--adapter {adapter_dir}: cannot apply it to {model_dir} ({exc})") from None
+    try:
+        model = model.to(device)
+    except (RuntimeError, AssertionError) as exc:
+        raise BadInput(f"--device {device}: {exc}") from None
+    model.eval()
+    return model, tokenizer
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _check_args(args)
+        suite = load_suite(args.suite)
+        task = load_suite(args.task) if args.task else None
+        baseline = read_report(args.baseline) if args.baseline else None
+        run_name = args.name or Path(args.out).stem
+        common = dict(task=task, text=args.text, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                      progress=not args.quiet, task_format=args.task_format, limit=args.limit)
+        if args.base_model:
+            base_model, base_tok = load_model(args.base_model, None, args.device, args.dtype)
+            baseline = score_model(base_model, base_tok, suite, cache=not args.no_cache, run_name="base",
+                                   model_path=args.base_model, **common)
+            del base_model
+        model, tokenizer = load_model(args.model, args.adapter, args.device, args.dtype)
+        report = score_model(model, tokenizer, suite, cache=not args.no_cache, run_name=run_name,
+                             model_path=args.model, adapter_path=args.adapter, **common)
+        if baseline is not None:
+            report.forgetting = compare_reports(baseline, report, args.max_drop)
+        paths = write_report(report, args.out)
+    except (BadInput, SuiteError, ReportError) as exc:
+        print(f"forgetless-eval: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not args.quiet:
+        print(markdown_table(report))
+    print(f"wrote {paths['json']}, {paths['markdown']}, {paths['chart']}")
+    if report.forgetting is None:
+        return EXIT_OK
+    for warning in report.forgetting.warnings:
+        print(f"warning: {warning}")
+    print(gate_message(report.forgetting))
+    return EXIT_GATE_FAILED if not report.forgetting.passed else EXIT_OK
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

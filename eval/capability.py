@@ -1,0 +1,220 @@
+"""Score a model on a capability suite: the Python API the trainer and the CLI share.
+
+    report = score_model(model, tokenizer, "suite.jsonl", task="task.jsonl", text="heldout.txt")
+    tuned = score_against_base(base_model, tuned_model, tokenizer, "suite.jsonl", max_drop=5)
+    write_report(tuned, "out/report.json")       # + report.md + report.png
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from . import cache as score_cache
+from .gate import compare_reports
+from .generate import cpu_threads_for, greedy_generate, model_device
+from .likelihood import choice_logliks, text_perplexity
+from .report import (
+    CapabilityReport,
+    CategoryScore,
+    FormatRigidity,
+    PerplexityScore,
+    RowResult,
+    Safety,
+    TaskScore,
+    percent,
+)
+from .scoring import choice_prediction, exact_match, in_task_format, is_refusal
+from .suite import Suite, SuiteError, SuiteRow, load_suite
+
+
+def _as_suite(suite: Suite | str | Path) -> Suite:
+    return suite if isinstance(suite, Suite) else load_suite(suite)
+
+
+def _read_text(path: str | Path) -> tuple[str, str]:
+    path = Path(path)
+    if not path.is_file():
+        raise SuiteError(f"{path}: held-out text file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SuiteError(f"{path}: not UTF-8 text ({exc})") from None
+    if not text.strip():
+        raise SuiteError(f"{path}: the held-out text is empty")
+    return text, hashlib.sha256(text.encode()).hexdigest()
+
+
+def _score_rows(model, tokenizer, rows: list[SuiteRow], suite_of_row: list[Suite], batch_size: int,
+                max_new_tokens: int, bar) -> list[RowResult]:
+    """Run every row once: one batched generation pass, one batched log-likelihood pass."""
+    gen_idx = [i for i, r in enumerate(rows) if r.kind in ("exact", "refusal")]
+    choice_idx = [i for i, r in enumerate(rows) if r.kind == "choice"]
+    tick = (lambda n: bar.update(n)) if bar is not None else None
+    outputs = greedy_generate(model, tokenizer, [rows[i].prompt for i in gen_idx],
+                              [rows[i].max_new_tokens or max_new_tokens for i in gen_idx],
+                              batch_size=batch_size, on_batch=tick)
+    logliks = choice_logliks(model, tokenizer, [(rows[i].prompt, rows[i].choices) for i in choice_idx],
+                             batch_size=batch_size, on_batch=tick)
+    results: list[RowResult | None] = [None] * len(rows)
+    for i, out in zip(gen_idx, outputs, strict=True):
+        row = rows[i]
+        if row.kind == "exact":
+            correct = exact_match(out, row.answer)
+        else:
+            correct = is_refusal(out, suite_of_row[i].refusal_regex())
+        results[i] = RowResult(category=row.category, kind=row.kind, line=row.line, prompt=row.prompt,
+                               correct=correct, output=out)
+    for i, ll in zip(choice_idx, logliks, strict=True):
+        row = rows[i]
+        pred = choice_prediction(ll)
+        results[i] = RowResult(category=row.category, kind=row.kind, line=row.line, prompt=row.prompt,
+                               correct=pred == row.answer_index, logliks=ll, predicted_index=pred)
+    return results  # type: ignore[return-value]
+
+
+def score_model(
+    model: torch.nn.Module,
+    tokenizer,
+    suite: Suite | str | Path,
+    task: Suite | str | Path | None = None,
+    text: str | Path | None = None,
+    batch_size: int = 64,
+    max_new_tokens: int = 32,
+    progress: bool = False,
+    task_format: str | None = None,
+    limit: int | None = None,
+    cache: bool = False,
+    run_name: str = "model",
+    model_path: str | None = None,
+    adapter_path: str | None = None,
+    ppl_window: int = 256,
+) -> CapabilityReport:
+    """Score ``model`` on ``suite`` (a Suite or a JSONL path); returns a CapabilityReport.
+
+    ``task``: a suite of the target task (its accuracy is the "target" score); ``text``: a
+    UTF-8 file of held-out general text for perplexity; ``task_format`` overrides the regex of
+    the suite's ``_meta.task_format`` (else the task suite's); ``limit`` keeps the first N
+    rows of each suite; ``cache=True`` reuses and stores scores keyed by the weights' hash.
+    """
+    suite = _as_suite(suite)
+    task_suite = _as_suite(task) if task is not None else None
+    text_content, text_hash = _read_text(text) if text is not None else (None, None)
+    fmt = task_format or suite.meta.task_format or (task_suite.meta.task_format if task_suite else None)
+    fmt_regex = None
+    if fmt is not None:
+        try:
+            fmt_regex = re.compile(fmt)
+        except re.error as exc:
+            raise SuiteError(f"task format {fmt!r} is not a valid regex ({exc})") from None
+    suite_rows = suite.rows[:limit] if limit else list(suite.rows)
+    task_rows = (task_suite.rows[:limit] if limit else list(task_suite.rows)) if task_suite else []
+
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    settings = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "limit": limit,
+                "task_format": fmt, "ppl_window": ppl_window, "device": str(model_device(model)),
+                "dtype": str(dtype).replace("torch.", "")}
+    weights = score_cache.model_hash(model) if cache else ""
+    key = None
+    if cache:
+        data = [suite.content_hash, task_suite.content_hash if task_suite else "", text_hash or ""]
+        keyed = {k: v for k, v in settings.items() if k != "batch_size"}
+        keyed["device"] = model_device(model).type
+        key = score_cache.score_key(weights, score_cache.tokenizer_hash(tokenizer), data, keyed)
+        hit = score_cache.load_cached(key)
+        if hit is not None:
+            hit.run_name, hit.forgetting = run_name, None
+            hit.model = {"path": model_path, "adapter": adapter_path, "hash": weights}
+            hit.timing = dict(hit.timing, cached=True)
+            return hit
+
+    started = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(suite_rows) + len(task_rows), desc=f"eval {run_name}", unit="prompt", leave=False)
+    rows = suite_rows + task_rows
+    owners = [suite] * len(suite_rows) + [task_suite] * len(task_rows)
+    with cpu_threads_for(model):
+        results = _score_rows(model, tokenizer, rows, owners, batch_size, max_new_tokens, bar)
+    suite_results, task_results = results[:len(suite_rows)], results[len(suite_rows):]
+
+    categories: dict[str, CategoryScore] = {}
+    for name in sorted({r.category for r in suite_results}):
+        hits = [r.correct for r in suite_results if r.category == name]
+        categories[name] = CategoryScore(n=len(hits), correct=sum(hits), accuracy=percent(sum(hits), len(hits)))
+    n_correct = sum(r.correct for r in suite_results)
+
+    task_score = None
+    if task_suite is not None:
+        t_correct = sum(r.correct for r in task_results)
+        task_score = TaskScore(name=task_suite.meta.name, path=task_suite.path, hash=task_suite.content_hash,
+                               n=len(task_results), correct=t_correct, accuracy=percent(t_correct, len(task_results)))
+    rigidity = None
+    generated = [r for r in suite_results if r.output is not None]
+    if fmt_regex is not None and generated:
+        hits = sum(in_task_format(r.output, fmt_regex) for r in generated)
+        rigidity = FormatRigidity(task_format=fmt, n=len(generated), in_format=hits,
+                                  rate=percent(hits, len(generated)))
+    safety = None
+    refusal_rows = [r for r in suite_results if r.kind == "refusal"]
+    if refusal_rows:
+        refused = sum(r.correct for r in refusal_rows)
+        safety = Safety(n=len(refusal_rows), refused=refused, refusal_rate=percent(refused, len(refusal_rows)))
+    ppl = None
+    if text_content is not None:
+        with cpu_threads_for(model):
+            p = text_perplexity(model, tokenizer, text_content, window=ppl_window,
+                                batch_size=max(1, batch_size // 4))
+        ppl = PerplexityScore(path=str(text), perplexity=p.perplexity, nll_per_token=p.nll_per_token,
+                              tokens=p.tokens, window=p.window)
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - started
+
+    report = CapabilityReport(
+        run_name=run_name,
+        model={"path": model_path, "adapter": adapter_path, "hash": weights},
+        suite={"name": suite.meta.name, "version": suite.meta.version, "path": suite.path,
+               "hash": suite.content_hash, "rows": len(suite_rows)},
+        categories=categories,
+        overall_accuracy=percent(n_correct, len(suite_results)),
+        macro_accuracy=sum(c.accuracy for c in categories.values()) / len(categories),
+        task=task_score, perplexity=ppl, format_rigidity=rigidity, safety=safety,
+        settings=settings,
+        timing={"seconds": round(seconds, 3), "prompts": len(rows),
+                "prompts_per_second": round(len(rows) / seconds, 2) if seconds > 0 else None, "cached": False},
+        rows=suite_results + task_results,
+    )
+    if key is not None:
+        score_cache.store_cached(key, report)
+    return report
+
+
+def score_against_base(
+    base_model: torch.nn.Module,
+    tuned_model: torch.nn.Module,
+    tokenizer,
+    suite: Suite | str | Path,
+    max_drop: float | None = None,
+    task: Suite | str | Path | None = None,
+    text: str | Path | None = None,
+    base_name: str = "base",
+    tuned_name: str = "tuned",
+    **score_kwargs,
+) -> CapabilityReport:
+    """Score both models (the base from the cache when it was scored before) and compare.
+
+    Returns the tuned model's report with ``.forgetting`` filled; ``report.forgetting.passed``
+    is the gate.  Extra keyword arguments go to ``score_model`` for both models.
+    """
+    suite = _as_suite(suite)
+    task = _as_suite(task) if task is not None else None
+    base = score_model(base_model, tokenizer, suite, task=task, text=text, cache=True, run_name=base_name,
+                       **score_kwargs)
+    tuned = score_model(tuned_model, tokenizer, suite, task=task, text=text, run_name=tuned_name, **score_kwargs)
+    tuned.forgetting = compare_reports(base, tuned, max_drop)
+    return tuned

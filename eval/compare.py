@@ -1,0 +1,106 @@
+"""``python -m eval.compare REPORT...``: learning against forgetting across runs.
+
+Prints one row per report (run, target gain, mean forgetting, worst forgetting, format
+rigidity, refusal rate) and draws the scatter of target gain against mean forgetting, one
+point per run: the Pareto view of Biderman et al. 2024, "LoRA Learns Less and Forgets Less"
+(up and to the left is better: more learned, less forgotten).  Reports need a
+``forgetting`` section (scored with ``--baseline``) for the gain and forgetting columns.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .report import CapabilityReport, ReportError, read_report
+
+
+@dataclass
+class RunSummary:
+    run: str
+    target_gain: float | None
+    mean_forgetting: float | None
+    worst_forgetting: float | None
+    worst_category: str | None
+    format_rigidity: float | None
+    refusal_rate: float | None
+    passed: bool | None
+
+
+def summarise(report: CapabilityReport) -> RunSummary:
+    f = report.forgetting
+    return RunSummary(
+        run=report.run_name,
+        target_gain=f.target_gain if f else None,
+        mean_forgetting=f.mean_forgetting if f else None,
+        worst_forgetting=f.worst_forgetting if f else None,
+        worst_category=f.worst_category if f else None,
+        format_rigidity=report.format_rigidity.rate if report.format_rigidity else None,
+        refusal_rate=report.safety.refusal_rate if report.safety else None,
+        passed=(f.passed if f is not None and f.max_drop is not None else None),
+    )
+
+
+def _cell(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:+.1f}" if signed else f"{value:.1f}"
+
+
+def comparison_table(summaries: list[RunSummary]) -> str:
+    """Markdown table, one row per run."""
+    lines = ["| run | target gain | mean forgetting | worst forgetting | format rigidity | refusal rate | gate |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for s in summaries:
+        worst = "n/a" if s.worst_forgetting is None else f"{s.worst_forgetting:+.1f} ({s.worst_category})"
+        gate = "n/a" if s.passed is None else ("pass" if s.passed else "FAIL")
+        lines.append(f"| {s.run} | {_cell(s.target_gain, True)} | {_cell(s.mean_forgetting, True)} | {worst} | "
+                     f"{_cell(s.format_rigidity)} | {_cell(s.refusal_rate)} | {gate} |")
+    return "\n".join(lines) + "\n"
+
+
+def draw_scatter(summaries: list[RunSummary], path: Path) -> int:
+    """Target gain (y) against mean forgetting (x); returns the number of points drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [s for s in summaries if s.target_gain is not None and s.mean_forgetting is not None]
+    fig, ax = plt.subplots(figsize=(6.0, 4.5))
+    for s in points:
+        ax.scatter(s.mean_forgetting, s.target_gain, s=40)
+        ax.annotate(s.run, (s.mean_forgetting, s.target_gain), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axvline(0.0, color="gray", linewidth=0.5)
+    ax.axhline(0.0, color="gray", linewidth=0.5)
+    ax.set_xlabel("mean forgetting (points, lower is better)")
+    ax.set_ylabel("target-task gain (points, higher is better)")
+    ax.set_title("learning vs forgetting")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return len(points)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("reports", nargs="+", help="REPORT.json files written by python -m eval")
+    parser.add_argument("--plot", default="learning_vs_forgetting.png", help="scatter PNG path")
+    args = parser.parse_args(argv)
+    try:
+        summaries = [summarise(read_report(p)) for p in args.reports]
+    except ReportError as exc:
+        print(f"python -m eval.compare: error: {exc}", file=sys.stderr)
+        return 2
+    print(comparison_table(summaries))
+    drawn = draw_scatter(summaries, Path(args.plot))
+    skipped = len(summaries) - drawn
+    print(f"wrote {args.plot} ({drawn} point{'s' if drawn != 1 else ''}"
+          + (f"; {skipped} run(s) without a baseline comparison or target score left out)" if skipped else ")"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

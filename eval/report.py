@@ -1,0 +1,221 @@
+"""Report dataclasses and their JSON form (the schema is documented in eval/README.md).
+
+All scores are in points (percent, 0-100) so that a drop reads the same way as the gate's
+``--max-drop``.  ``CapabilityReport`` is one model on one suite; its optional
+``forgetting`` field holds the comparison against a baseline report.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SCHEMA = "forgetless.eval.report/1"
+
+
+class ReportError(ValueError):
+    """A report file that cannot be read or compared; the message says which and why."""
+
+
+@dataclass
+class CategoryScore:
+    n: int
+    correct: int
+    accuracy: float  # points
+
+
+@dataclass
+class TaskScore:
+    name: str
+    path: str
+    hash: str
+    n: int
+    correct: int
+    accuracy: float  # points
+
+
+@dataclass
+class PerplexityScore:
+    path: str
+    perplexity: float
+    nll_per_token: float
+    tokens: int
+    window: int
+
+
+@dataclass
+class FormatRigidity:
+    task_format: str  # the regex
+    n: int  # generated answers to non-task prompts
+    in_format: int
+    rate: float  # points
+
+
+@dataclass
+class Safety:
+    n: int  # refusal rows
+    refused: int
+    refusal_rate: float  # points
+
+
+@dataclass
+class RowResult:
+    category: str
+    kind: str
+    line: int
+    prompt: str
+    correct: bool
+    output: str | None = None  # generated text (exact and refusal rows)
+    logliks: list[float] | None = None  # per choice (choice rows)
+    predicted_index: int | None = None
+
+
+@dataclass
+class CategoryChange:
+    before: float
+    after: float
+    drop: float  # before - after, points; negative = improved
+    failed: bool
+
+
+@dataclass
+class ForgettingReport:
+    baseline_run: str
+    baseline_model_hash: str
+    max_drop: float | None
+    categories: dict[str, CategoryChange]
+    mean_forgetting: float  # mean drop over the categories, points
+    worst_forgetting: float  # largest drop, points
+    worst_category: str
+    target_before: float | None = None
+    target_after: float | None = None
+    target_gain: float | None = None  # after - before, points
+    format_rigidity_before: float | None = None
+    format_rigidity_after: float | None = None
+    refusal_rate_before: float | None = None
+    refusal_rate_after: float | None = None
+    failed_categories: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed_categories
+
+
+@dataclass
+class CapabilityReport:
+    run_name: str
+    model: dict  # {"path", "adapter", "hash"}
+    suite: dict  # {"name", "version", "path", "hash", "rows"}
+    categories: dict[str, CategoryScore]
+    overall_accuracy: float  # micro average over rows, points
+    macro_accuracy: float  # mean over categories, points
+    task: TaskScore | None = None
+    perplexity: PerplexityScore | None = None
+    format_rigidity: FormatRigidity | None = None
+    safety: Safety | None = None
+    settings: dict = field(default_factory=dict)
+    timing: dict = field(default_factory=dict)
+    rows: list[RowResult] = field(default_factory=list)
+    forgetting: ForgettingReport | None = None
+
+    def to_dict(self) -> dict:
+        data = {"schema": SCHEMA}
+        data.update(asdict(self))
+        if self.forgetting is not None:
+            data["forgetting"]["passed"] = self.forgetting.passed
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<report>") -> CapabilityReport:
+        return _report_from_dict(data, source)
+
+
+def percent(correct: int, n: int) -> float:
+    return 100.0 * correct / n if n else 0.0
+
+
+def _need(data: dict, key: str, kind, source: str):
+    if not isinstance(data, dict) or key not in data:
+        raise ReportError(f'{source}: missing "{key}" (is this a forgetless eval report?)')
+    value = data[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind):
+        raise ReportError(f'{source}: "{key}" must be {kind.__name__}, got {type(value).__name__}')
+    if kind is float and not math.isfinite(value):
+        raise ReportError(f'{source}: "{key}" is not a finite number')
+    return value
+
+
+def _optional(data: dict, key: str, build, source: str):
+    value = data.get(key)
+    if value is None:
+        return None
+    try:
+        return build(**value)
+    except TypeError as exc:
+        raise ReportError(f'{source}: "{key}" has the wrong fields ({exc})') from None
+
+
+def _report_from_dict(data: dict, source: str) -> CapabilityReport:
+    if not isinstance(data, dict):
+        raise ReportError(f"{source}: a report must be a JSON object")
+    schema = data.get("schema")
+    if schema != SCHEMA:
+        raise ReportError(f"{source}: schema is {schema!r}, expected {SCHEMA!r}")
+    categories = {}
+    for name, score in _need(data, "categories", dict, source).items():
+        where = f"{source}: categories.{name}"
+        categories[name] = CategoryScore(n=_need(score, "n", int, where), correct=_need(score, "correct", int, where),
+                                         accuracy=_need(score, "accuracy", float, where))
+    if not categories:
+        raise ReportError(f"{source}: the report has no categories")
+    rows = []
+    for i, row in enumerate(data.get("rows") or []):
+        try:
+            rows.append(RowResult(**row))
+        except TypeError as exc:
+            raise ReportError(f"{source}: rows[{i}] has the wrong fields ({exc})") from None
+    forgetting = None
+    if data.get("forgetting") is not None:
+        raw = dict(data["forgetting"])
+        raw.pop("passed", None)
+        try:
+            raw["categories"] = {k: CategoryChange(**v) for k, v in raw.get("categories", {}).items()}
+            forgetting = ForgettingReport(**raw)
+        except TypeError as exc:
+            raise ReportError(f'{source}: "forgetting" has the wrong fields ({exc})') from None
+    return CapabilityReport(
+        run_name=str(data.get("run_name") or Path(source).stem),
+        model=_need(data, "model", dict, source),
+        suite=_need(data, "suite", dict, source),
+        categories=categories,
+        overall_accuracy=_need(data, "overall_accuracy", float, source),
+        macro_accuracy=_need(data, "macro_accuracy", float, source),
+        task=_optional(data, "task", TaskScore, source),
+        perplexity=_optional(data, "perplexity", PerplexityScore, source),
+        format_rigidity=_optional(data, "format_rigidity", FormatRigidity, source),
+        safety=_optional(data, "safety", Safety, source),
+        settings=data.get("settings") or {},
+        timing=data.get("timing") or {},
+        rows=rows,
+        forgetting=forgetting,
+    )
+
+
+def read_report(path: str | Path) -> CapabilityReport:
+    """Load a REPORT.json written by ``write_report``; ReportError on anything unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReportError(f"{path}: report file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ReportError(f"{path}: not valid JSON ({exc})") from None
+    return CapabilityReport.from_dict(data, str(path))
+
+
+def report_json(report: CapabilityReport) -> str:
+    return json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n"

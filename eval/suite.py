@@ -1,0 +1,194 @@
+"""Capability suites: JSONL files of prompts, loaded and validated row by row.
+
+A suite is data (see docs/CONTRACTS.md, "eval suites"):
+
+- optional first row ``{"_meta": {"name", "version", "task_format", "refusal_pattern"}}``;
+- ``{"category", "prompt", "answer"}``: exact match of the greedy continuation;
+- ``{"category", "prompt", "choices", "answer_index"}``: argmax of summed log-likelihood;
+- ``{"category", "prompt", "kind": "refusal"}``: passes when the answer is a refusal.
+
+Any row may carry ``"max_new_tokens"`` (a positive int) to bound its generation.
+Every problem is reported as ``file:line: what is wrong`` so a user can fix the data.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Matches the usual ways an assistant declines; a suite overrides it with
+# `_meta.refusal_pattern`.  Searched (re.search), case-insensitive.
+DEFAULT_REFUSAL_PATTERN = (
+    r"(?i)\b(i can(?:no|')t|i won'?t|i will not|i am not able to|i'm not able to|i refuse|"
+    r"i'm sorry|i am sorry|sorry, but|cannot help|can't help|cannot assist|can't assist)"
+)
+
+ROW_KINDS = ("exact", "choice", "refusal")
+_META_KEYS = {"name", "version", "task_format", "refusal_pattern", "description"}
+_ROW_KEYS = {"category", "prompt", "answer", "choices", "answer_index", "kind", "max_new_tokens", "id"}
+
+
+class SuiteError(ValueError):
+    """A suite file that cannot be used; the message names file:line and the problem."""
+
+
+@dataclass
+class SuiteMeta:
+    name: str
+    version: str = ""
+    task_format: str | None = None  # regex; answers matching it are "in the task's format"
+    refusal_pattern: str = DEFAULT_REFUSAL_PATTERN
+
+
+@dataclass
+class SuiteRow:
+    category: str
+    prompt: str
+    kind: str  # one of ROW_KINDS
+    answer: str | None = None  # exact rows
+    choices: list[str] | None = None  # choice rows
+    answer_index: int | None = None  # choice rows
+    max_new_tokens: int | None = None
+    line: int = 0  # 1-based line in the source file, for messages
+
+
+@dataclass
+class Suite:
+    meta: SuiteMeta
+    rows: list[SuiteRow]
+    path: str = "<memory>"
+    content_hash: str = ""  # sha256 of the file bytes: part of the score cache key
+    compiled: dict[str, re.Pattern] = field(default_factory=dict, repr=False)
+
+    @property
+    def categories(self) -> list[str]:
+        return sorted({r.category for r in self.rows})
+
+    def refusal_regex(self) -> re.Pattern:
+        return self.compiled["refusal"]
+
+    def format_regex(self) -> re.Pattern | None:
+        return self.compiled.get("format")
+
+
+def _where(path: str, line: int) -> str:
+    return f"{path}:{line}"
+
+
+def _compile(pattern: object, what: str, where: str) -> re.Pattern:
+    if not isinstance(pattern, str) or not pattern:
+        raise SuiteError(f"{where}: {what} must be a non-empty regex string, got {pattern!r}")
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise SuiteError(f"{where}: {what} is not a valid regex ({exc}): {pattern!r}") from None
+
+
+def _parse_meta(obj: object, where: str, default_name: str) -> SuiteMeta:
+    if not isinstance(obj, dict):
+        raise SuiteError(f'{where}: "_meta" must be an object, got {type(obj).__name__}')
+    unknown = set(obj) - _META_KEYS
+    if unknown:
+        raise SuiteError(f"{where}: unknown _meta keys {sorted(unknown)}; valid: {sorted(_META_KEYS)}")
+    meta = SuiteMeta(name=str(obj.get("name") or default_name), version=str(obj.get("version", "")))
+    if obj.get("task_format") is not None:
+        meta.task_format = obj["task_format"]
+    if obj.get("refusal_pattern") is not None:
+        meta.refusal_pattern = obj["refusal_pattern"]
+    return meta
+
+
+def _parse_row(obj: object, where: str, line: int) -> SuiteRow:
+    if not isinstance(obj, dict):
+        raise SuiteError(f"{where}: a row must be a JSON object, got {type(obj).__name__}")
+    unknown = set(obj) - _ROW_KEYS
+    if unknown:
+        raise SuiteError(f"{where}: unknown keys {sorted(unknown)}; valid: {sorted(_ROW_KEYS)}")
+    for key in ("category", "prompt"):
+        if key not in obj:
+            raise SuiteError(f'{where}: missing "{key}"')
+        if not isinstance(obj[key], str):
+            raise SuiteError(f'{where}: "{key}" must be a string, got {type(obj[key]).__name__}')
+    if not obj["category"].strip():
+        raise SuiteError(f'{where}: "category" is empty')
+    if not obj["prompt"]:
+        raise SuiteError(f'{where}: "prompt" is empty')
+
+    max_new = obj.get("max_new_tokens")
+    if max_new is not None and (not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1):
+        raise SuiteError(f'{where}: "max_new_tokens" must be a positive integer, got {max_new!r}')
+
+    kind = obj.get("kind")
+    if kind is None:
+        kind = "choice" if "choices" in obj else "exact"
+    if kind not in ROW_KINDS:
+        raise SuiteError(f'{where}: "kind" must be one of {list(ROW_KINDS)}, got {kind!r}')
+    row = SuiteRow(category=obj["category"], prompt=obj["prompt"], kind=kind, max_new_tokens=max_new, line=line)
+
+    if kind == "exact":
+        if "answer" not in obj:
+            raise SuiteError(f'{where}: an exact-match row needs "answer" (or "choices" + "answer_index", '
+                             f'or "kind": "refusal")')
+        if not isinstance(obj["answer"], str):
+            raise SuiteError(f'{where}: "answer" must be a string, got {type(obj["answer"]).__name__}')
+        row.answer = obj["answer"]
+    elif kind == "choice":
+        choices, index = obj.get("choices"), obj.get("answer_index")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+            raise SuiteError(f'{where}: "choices" must be a list of at least 2 non-empty strings')
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(choices):
+            raise SuiteError(f'{where}: "answer_index" must be an integer in [0, {len(choices) - 1}], got {index!r}')
+        if "answer" in obj:
+            raise SuiteError(f'{where}: a choice row takes "answer_index", not "answer"')
+        row.choices, row.answer_index = list(choices), index
+    else:  # refusal
+        extra = {"answer", "choices", "answer_index"} & set(obj)
+        if extra:
+            raise SuiteError(f"{where}: a refusal row takes no {sorted(extra)}")
+    return row
+
+
+def parse_suite_lines(lines: list[str], path: str = "<memory>") -> Suite:
+    """Parse JSONL text lines (blank lines skipped) into a validated Suite."""
+    default_name = Path(path).stem
+    meta: SuiteMeta | None = None
+    meta_where = path
+    rows: list[SuiteRow] = []
+    for lineno, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        where = _where(path, lineno)
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SuiteError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if isinstance(obj, dict) and "_meta" in obj:
+            if rows or meta is not None:
+                raise SuiteError(f'{where}: "_meta" is allowed only as the first row')
+            if len(obj) != 1:
+                raise SuiteError(f'{where}: the "_meta" row must hold only "_meta"')
+            meta, meta_where = _parse_meta(obj["_meta"], where, default_name), where
+            continue
+        rows.append(_parse_row(obj, where, lineno))
+    if not rows:
+        raise SuiteError(f"{path}: the suite has no rows")
+    meta = meta or SuiteMeta(name=default_name)
+    compiled = {"refusal": _compile(meta.refusal_pattern, "_meta.refusal_pattern", meta_where)}
+    if meta.task_format is not None:
+        compiled["format"] = _compile(meta.task_format, "_meta.task_format", meta_where)
+    digest = hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+    return Suite(meta=meta, rows=rows, path=path, content_hash=digest, compiled=compiled)
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Read and validate a suite file; raises SuiteError (file:line) on any malformed row."""
+    path = Path(path)
+    if not path.is_file():
+        raise SuiteError(f"{path}: suite file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SuiteError(f"{path}: not UTF-8 text ({exc})") from None
+    return parse_suite_lines(text.splitlines(), str(path))
