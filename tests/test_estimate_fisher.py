@@ -1,0 +1,141 @@
+"""estimate_fisher against a brute-force oracle: one sample at a time (no padding), backward
+of its summed log-likelihood with plain autograd, gradient squared, averaged over samples."""
+import pytest
+import torch
+from tiny_models import PAD_ID, TINY_VOCAB_SIZE, tiny_gpt2, tiny_llama, tiny_qwen2
+
+from trainer.fisher import estimate_fisher, masked_labels, sample_mc_labels
+
+
+def _batches(seed=0):
+    """Two right-padded batches; some prompt tokens are -100, one row has no labels at all."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for lengths in ([7, 5, 3], [6, 6, 4, 2]):
+        n, t = len(lengths), max(lengths)
+        ids = torch.randint(0, 256, (n, t), generator=g)
+        mask = torch.zeros(n, t, dtype=torch.long)
+        for i, length in enumerate(lengths):
+            mask[i, :length] = 1
+        ids = ids.masked_fill(mask == 0, PAD_ID)
+        labels = ids.clone()  # padded labels deliberately NOT -100: the mask must drop them
+        labels[0, :3] = -100
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    out[1]["labels"][3] = -100  # a row without label tokens: not counted as a sample
+    return out
+
+
+def _oracle(model, batches, labels_per_batch=None):
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    acc = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in params.items()}
+    samples = 0
+    for b, batch in enumerate(batches):
+        labels = masked_labels(batch) if labels_per_batch is None else labels_per_batch[b]
+        for i in range(batch["input_ids"].shape[0]):
+            length = int(batch["attention_mask"][i].sum())
+            row_labels = labels[i, 1:length]
+            if (row_labels != -100).sum() == 0:
+                continue
+            logits = model(input_ids=batch["input_ids"][i:i + 1, :length]).logits[0, :-1]
+            log_likelihood = -torch.nn.functional.cross_entropy(
+                logits, row_labels, ignore_index=-100, reduction="sum")
+            grads = torch.autograd.grad(log_likelihood, list(params.values()), allow_unused=True)
+            for name, grad in zip(params, grads, strict=True):
+                if grad is not None:
+                    acc[name] += grad.double() ** 2
+            samples += 1
+    return {n: a / samples for n, a in acc.items()}
+
+
+def _assert_matches(fisher, reference, rtol=1e-4):
+    assert list(fisher) == list(reference)  # same names, named_parameters order
+    for name, ref in reference.items():
+        assert fisher[name].dtype == torch.float32 and fisher[name].shape == ref.shape
+        err = (fisher[name].double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)
+        assert err < rtol, f"{name}: relative error {err:.2e}"
+        assert ref.abs().max() > 0, f"{name}: oracle Fisher is zero, the test would not see a bug"
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2, tiny_gpt2], ids=["llama", "qwen2-bias", "gpt2-tied"])
+def test_empirical_fisher_matches_per_sample_oracle(build):
+    model = build()
+    batches = _batches()
+    fisher = estimate_fisher(model, batches)
+    _assert_matches(fisher, _oracle(model, batches))
+
+
+def test_mc_fisher_matches_oracle_with_the_same_sampled_labels():
+    model = tiny_llama(seed=1)
+    batches = _batches(seed=1)
+    fisher = estimate_fisher(model, batches, kind="mc", seed=7)
+    # Redraw the labels exactly as estimate_fisher does: one generator, batches in order.
+    generator = torch.Generator().manual_seed(7)
+    sampled = []
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            sampled.append(sample_mc_labels(logits, masked_labels(batch), generator))
+    assert not torch.equal(sampled[0], masked_labels(batches[0]))  # really resampled
+    assert torch.equal(sampled[0] == -100, masked_labels(batches[0]) == -100)
+    _assert_matches(fisher, _oracle(model, batches, sampled))
+
+
+def test_lora_model_fisher_of_lora_parameters():
+    from kernels.lora_layers import apply_lora
+
+    model = tiny_gpt2(seed=2)  # Conv1D bases: fan_in_fan_out LoRA layers
+    apply_lora(model, r=3, alpha=6)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # B = 0 at init would make dA = 0: give B values
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    batches = _batches(seed=2)
+    fisher = estimate_fisher(model, batches)
+    assert fisher and all(".lora_" in n for n in fisher)
+    _assert_matches(fisher, _oracle(model, batches))
+
+
+def test_leaves_parameters_grads_and_modes_untouched_and_can_skip_embeddings():
+    model = tiny_llama(seed=3, tie_word_embeddings=True)
+    model.train()
+    model.model.layers[0].eval()  # a mixed-mode model: each module's flag must come back
+    grads = {}
+    for name, p in model.named_parameters():
+        if "layers.1" in name:
+            p.grad = torch.randn_like(p)
+        grads[name] = None if p.grad is None else p.grad.clone()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    modes = {n: m.training for n, m in model.named_modules()}
+
+    batches = _batches(seed=3)
+    fisher = estimate_fisher(model, batches, include_embeddings=False)
+
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[name]), name
+        assert (p.grad is None) == (grads[name] is None), name
+        if p.grad is not None:
+            assert torch.equal(p.grad, grads[name]), name
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    # The tied embedding / lm_head weight is left out; everything else is there and exact.
+    assert "model.embed_tokens.weight" not in fisher
+    model.eval()
+    reference = _oracle(model, batches)
+    reference.pop("model.embed_tokens.weight")
+    _assert_matches(fisher, reference)
+
+
+def test_tied_llama_embedding_fisher_includes_the_cross_term():
+    model = tiny_llama(seed=4, tie_word_embeddings=True, vocab_size=TINY_VOCAB_SIZE)
+    batches = _batches(seed=4)
+    _assert_matches(estimate_fisher(model, batches), _oracle(model, batches))
+
+
+def test_errors_are_actionable():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="kind"):
+        estimate_fisher(model, _batches(), kind="true")
+    batch = _batches()[0]
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    with pytest.raises(ValueError, match="no label tokens"):
+        estimate_fisher(model, [batch])
