@@ -104,20 +104,24 @@ def _eps(dtype, n):
     return 6 * UNIT_ROUNDOFF[dtype]
 
 
+_FULL = [(True, 0.0), (True, 0.3), (False, 0.0), (False, 0.3)]
+_SOME = [(True, 0.3), (False, 0.0)]  # keeps the interpreter budget down on the variants
 CASES = [
-    # (leading shape, in, out, r, x dtype, A/B dtype)
-    pytest.param((37,), 96, 80, 5, torch.float32, torch.float32, id="2d-fp32"),
-    pytest.param((2, 19), 96, 80, 5, torch.float32, torch.float32, id="3d-fp32"),
-    pytest.param((37,), 96, 80, 5, torch.bfloat16, torch.bfloat16, id="2d-bf16"),
-    pytest.param((3, 7), 40, 24, 3, torch.bfloat16, torch.float32, id="3d-bf16-x-fp32-lora"),
-    pytest.param((37,), 96, 80, 5, torch.float16, torch.float16, id="2d-fp16"),
+    pytest.param(lead, in_f, out_f, r, dtype, lora_dtype, with_bias, p, id=f"{name}-{'bias' if with_bias else 'nobias'}-p{p}")
+    for name, lead, in_f, out_f, r, dtype, lora_dtype, combos in [
+        # (id, leading shape, in, out, r, x dtype, A/B dtype, bias/dropout combinations)
+        ("2d-fp32", (37,), 96, 80, 5, torch.float32, torch.float32, _FULL),
+        ("2d-bf16", (37,), 96, 80, 5, torch.bfloat16, torch.bfloat16, _FULL),
+        ("3d-fp32", (2, 19), 96, 80, 5, torch.float32, torch.float32, _SOME),
+        ("3d-bf16-x-fp32-lora", (3, 7), 40, 24, 3, torch.bfloat16, torch.float32, _SOME),
+        ("2d-fp16", (37,), 96, 80, 5, torch.float16, torch.float16, _SOME),
+    ]
+    for with_bias, p in combos
 ]
 
 
 @pytest.mark.parametrize("which", BACKENDS)
-@pytest.mark.parametrize("lead, in_f, out_f, r, dtype, lora_dtype", CASES)
-@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["p0", "p0.3"])
+@pytest.mark.parametrize("lead, in_f, out_f, r, dtype, lora_dtype, with_bias, dropout_p", CASES)
 def test_forward_and_gradients_match_float64(which, lead, in_f, out_f, r, dtype, lora_dtype, with_bias, dropout_p):
     x, weight, bias, A, B, dy = _make((*lead, in_f), out_f, r, dtype, lora_dtype, with_bias, grad_base=False)
     scale, seed = 1.75, 1234
@@ -185,3 +189,29 @@ def test_shape_errors_are_clear():
         lora_linear(x, torch.randn(6, 8), None, torch.randn(2, 7), torch.randn(6, 2), 1.0)
     with pytest.raises(ValueError, match="dropout_p"):
         lora_linear(x, torch.randn(6, 8), None, torch.randn(2, 8), torch.randn(6, 2), 1.0, dropout_p=1.0)
+
+
+@pytest.mark.interpret
+def test_triton_u_in_k_loop_variant_matches_float64():
+    """The alternative forward (u accumulated in the base GEMM's K loop) stays correct."""
+    from kernels import lora_triton
+
+    x, weight, bias, A, B, dy = _make((37, 96), 80, 5, torch.bfloat16, torch.float32, True, grad_base=False)
+    blocks = lora_triton.LoRABlocks(block_m=16, block_n=32, block_k=32, u_in_k_loop=True)
+    with backend.forced("triton"), lora_triton.use_blocks(blocks):
+        y = lora_linear(x, weight, bias, A, B, 0.8, dropout_p=0.25, seed=99)
+        y.backward(dy)
+        keep = lora_dropout_mask(37, 96, 0.25, 99, DEVICE).double()
+    actual = {"y": y, "x": x.grad, "A": A.grad, "B": B.grad}
+    _check("u_in_k_loop", actual, x, weight, bias, A, B, 0.8, keep, 0.25, dy, _eps(torch.bfloat16, 96))
+
+
+@pytest.mark.parametrize("which", BACKENDS)
+def test_frozen_input_skips_dx(which):
+    """x without grad (e.g. the first LoRA layer after frozen embeddings): dA, dB still exact."""
+    x, weight, bias, A, B, dy = _make((21, 40), 24, 3, torch.float32, torch.float32, False, grad_base=False)
+    x.requires_grad_(False)
+    y = _run(which, lambda: lora_linear(x, weight, bias, A, B, 2.0))
+    _run(which, lambda: y.backward(dy))
+    actual = {"y": y, "A": A.grad, "B": B.grad}
+    _check(which, actual, x, weight, bias, A, B, 2.0, None, 0.0, dy, _eps(torch.float32, 40))
