@@ -10,19 +10,13 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-# The Triton interpreter is for tests only; a benchmark must time the real CPU path.
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    print("bench: unsetting TRITON_INTERPRET (benchmarks time the torch path on CPU)", file=sys.stderr)
-    os.environ["TRITON_INTERPRET"] = "0"
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import torch
 
-import torch  # noqa: E402
-
-from bench import harness  # noqa: E402
+from bench import harness
 
 SUITES = ("lora", "fisher", "ewc", "e2e")
 
@@ -90,5 +84,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def prepare_environment() -> None:
+    """Only for ``python -m bench`` (never on import: a test process keeps its own settings)."""
+    # The Triton interpreter is for tests; a CPU benchmark times the torch path, and kernels
+    # decorated for the interpreter would make any forced-Triton call crawl.
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("bench: ignoring TRITON_INTERPRET (benchmarks time the torch path on CPU)", file=sys.stderr)
+        os.environ["TRITON_INTERPRET"] = "0"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Library deprecation chatter would bury the table.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 if __name__ == "__main__":
+    prepare_environment()
     sys.exit(main())

@@ -314,6 +314,11 @@ def print_ratio_table(rows: Sequence[Row], notes: Sequence[str] = ()) -> str:
     lines = ["", "== ours / peer, p50, measured side by side in this run "
                  f"(units: {', '.join(f'{k} {v}' for k, v in METRIC_UNITS.items())})"]
     lines += ratio_lines(rows)
+    errors = [r for r in rows if r.metric == "rel_error"]
+    if errors:
+        lines += ["", "== estimator error against the exact Fisher (same run)"]
+        lines += [f"{r.kernel:<14} {r.provider:<20} {r.x_name}={r.x_value:<20} rel_error {r.p50:.4f}  ({r.config})"
+                  for r in errors]
     if notes:
         lines += ["", "notes:"] + [f"  - {n}" for n in notes]
     text = "\n".join(lines)
