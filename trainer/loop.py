@@ -34,6 +34,7 @@ from trainer.data import (
     micro_batches,
     pad_id_of,
     plan_batches,
+    read_jsonl,
     split_validation,
     steps_for,
     tokenize_file,
@@ -117,7 +118,9 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], autocast) -
     """Sum (not mean) of next-token cross-entropy over the labelled tokens of ``batch``."""
     with autocast():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logits = logits[:, :-1].float()
+    logits = logits[:, :-1]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
     labels = batch["labels"][:, 1:]
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
@@ -193,14 +196,21 @@ def train(cfg: TrainConfig, on_step_end: Callable[[int, dict], None] | None = No
                                        and torch.cuda.is_bf16_supported())
     autocast = (lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
 
-    # -- model and data ----------------------------------------------------------------------
+    # -- data (checked before the model loads, so bad rows fail fast), then the model ----------
+    fisher_path = (cfg.fisher_data or cfg.replay_data) if cfg.method in ("ewc", "lora_ewc") else None
+    if cfg.method in ("ewc", "lora_ewc") and not fisher_path and not cfg.fisher_path:
+        raise ConfigError(f"method={cfg.method} needs fisher_data (or replay_data) for the Fisher")
+    wanted = [cfg.data, cfg.eval_data, cfg.replay_data if cfg.replay_ratio > 0 else None, fisher_path]
+    rows = {path: read_jsonl(path) for path in dict.fromkeys(p for p in wanted if p)}
     model, tokenizer = load_model(cfg, ctx.device)
     pad_id = pad_id_of(tokenizer)
-    task = tokenize_file(cfg.data, tokenizer, cfg.max_length)
-    val = tokenize_file(cfg.eval_data, tokenizer, cfg.max_length) if cfg.eval_data else None
+    task = tokenize_file(cfg.data, tokenizer, cfg.max_length, rows[cfg.data])
+    val = tokenize_file(cfg.eval_data, tokenizer, cfg.max_length, rows[cfg.eval_data]) if cfg.eval_data else None
     if val is None:
         task, val = split_validation(task, cfg.validation_split, cfg.seed)
-    replay = tokenize_file(cfg.replay_data, tokenizer, cfg.max_length) if cfg.replay_ratio > 0 else None
+    replay = None
+    if cfg.replay_ratio > 0:
+        replay = tokenize_file(cfg.replay_data, tokenizer, cfg.max_length, rows[cfg.replay_data])
     for part in (task, val, replay):
         if part is not None:
             _log(f"data: {part.summary()}", ctx)
@@ -208,23 +218,22 @@ def train(cfg: TrainConfig, on_step_end: Callable[[int, dict], None] | None = No
     # -- the method: Fisher on the base model, then what trains --------------------------------
     method: Method = build_method(cfg)
     fisher_source = fisher_cache = None
-    if method.penalty is not None:
-        fisher_path = cfg.fisher_data or cfg.replay_data
-        if not fisher_path:
-            raise ConfigError(f"method={cfg.method} needs fisher_data (or replay_data) for the Fisher")
-        fisher_set = tokenize_file(fisher_path, tokenizer, cfg.max_length)
-        rows = list(fisher_set.examples)
-        random.Random(f"fisher-{cfg.seed}").shuffle(rows)
-        fisher_source = make_fisher_source(cfg, rows[:cfg.fisher_samples], pad_id, ctx)
+    if method.penalty is not None and fisher_path:
+        fisher_set = tokenize_file(fisher_path, tokenizer, cfg.max_length, rows[fisher_path])
+        fisher_rows = list(fisher_set.examples)
+        random.Random(f"fisher-{cfg.seed}").shuffle(fisher_rows)
+        fisher_source = make_fisher_source(cfg, fisher_rows[:cfg.fisher_samples], pad_id, ctx)
 
+    if method.penalty is not None:
         def fisher_cache(model_: nn.Module, names: list[str]) -> Path:
             if cfg.fisher_path:
+                if not Path(cfg.fisher_path).is_file():
+                    raise ConfigError(f"fisher_path={cfg.fisher_path}: file not found")
                 return Path(cfg.fisher_path)
             return out_dir / f"fisher-{fisher_key(model_, fisher_path, names, cfg)}.safetensors"
 
-    reused = method.penalty is not None and fisher_cache is not None
     method.prepare(model, fisher_source, fisher_cache)
-    if reused and method.fisher_file is not None:
+    if method.fisher_file is not None:
         _log(f"fisher: {method.fisher_file}", ctx)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

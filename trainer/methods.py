@@ -17,6 +17,7 @@ under a key that hashes the base weights, the Fisher data and the Fisher setting
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,12 +155,14 @@ class Method:
         """Estimate (or reuse) the base Fisher if the method has a penalty, then set what trains."""
         fisher = anchors = None
         if self.penalty is not None:
-            if fisher_source is None or fisher_cache is None:
-                raise ValueError(f"method {self.name} needs Fisher data (set fisher_data or replay_data)")
+            if fisher_cache is None:
+                raise ValueError(f"method {self.name} needs a Fisher (set fisher_data, replay_data or fisher_path)")
             names = self.penalty.fisher_params(model, self.weights)
             self.fisher_file = fisher_cache(model, names)
             fisher, anchors = load_fisher_file(self.fisher_file) if self.fisher_file.is_file() else (None, None)
             if fisher is None:
+                if fisher_source is None:
+                    raise ValueError(f"method {self.name} needs Fisher data (set fisher_data or replay_data)")
                 for name, p in model.named_parameters():
                     p.requires_grad_(name in set(names))
                 fisher = fisher_source(model)
@@ -232,7 +235,7 @@ def save_fisher_file(path: Path, fisher: dict[str, torch.Tensor], anchors: dict[
     tensors = {f"fisher.{k}": v.detach().float().cpu().contiguous() for k, v in fisher.items()}
     tensors.update({f"anchor.{k}": v.detach().cpu().contiguous() for k, v in anchors.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".tmp{os.getpid()}")  # every rank writes the same bytes; never the same temp
     save_file(tensors, str(tmp), metadata={"format": "forgetless-fisher"})
     tmp.replace(path)
 
