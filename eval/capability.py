@@ -15,7 +15,7 @@ import torch
 
 from . import cache as score_cache
 from .gate import compare_reports
-from .generate import cpu_threads_for, greedy_generate, model_device
+from .generate import greedy_generate, model_device
 from .likelihood import choice_logliks, text_perplexity
 from .report import (
     CapabilityReport,
@@ -138,8 +138,7 @@ def score_model(
         bar = tqdm(total=len(suite_rows) + len(task_rows), desc=f"eval {run_name}", unit="prompt", leave=False)
     rows = suite_rows + task_rows
     owners = [suite] * len(suite_rows) + [task_suite] * len(task_rows)
-    with cpu_threads_for(model):
-        results = _score_rows(model, tokenizer, rows, owners, batch_size, max_new_tokens, bar)
+    results = _score_rows(model, tokenizer, rows, owners, batch_size, max_new_tokens, bar)
     suite_results, task_results = results[:len(suite_rows)], results[len(suite_rows):]
 
     categories: dict[str, CategoryScore] = {}
@@ -166,9 +165,7 @@ def score_model(
         safety = Safety(n=len(refusal_rows), refused=refused, refusal_rate=percent(refused, len(refusal_rows)))
     ppl = None
     if text_content is not None:
-        with cpu_threads_for(model):
-            p = text_perplexity(model, tokenizer, text_content, window=ppl_window,
-                                batch_size=max(1, batch_size // 4))
+        p = text_perplexity(model, tokenizer, text_content, window=ppl_window, batch_size=max(1, batch_size // 4))
         ppl = PerplexityScore(path=str(text), perplexity=p.perplexity, nll_per_token=p.nll_per_token,
                               tokens=p.tokens, window=p.window)
     if bar is not None:

@@ -93,7 +93,6 @@ def max_positions(model) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
-@torch.no_grad()
 def greedy_generate(
     model,
     tokenizer,
@@ -109,6 +108,11 @@ def greedy_generate(
     a batch holds similar lengths (little padding); results come back in input order.
     ``on_batch(n)`` is called after each batch with the number of prompts it finished.
     """
+    with cpu_threads_for(model), torch.no_grad():
+        return _greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop_mask, on_batch)
+
+
+def _greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop_mask, on_batch) -> list[str]:
     if isinstance(max_new_tokens, int):
         budgets = [max_new_tokens] * len(prompts)
     else:
@@ -157,6 +161,11 @@ def greedy_generate(
 
         out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                     use_cache=True, **keep_last)
+        if bool(out.logits.isnan().any()):
+            # Seen with eager attention in float64: fully masked padding rows turn into NaN
+            # that leaks through the values into the real tokens.
+            raise RuntimeError("the model returned NaN logits on a left-padded batch; load it in float32/bfloat16 "
+                               "or with attn_implementation='sdpa', or use batch_size=1")
         running = torch.ones(len(rows), dtype=torch.bool, device=device)
         generated = torch.full((len(rows), steps), pad_id, dtype=torch.long, device=device)
         last_pos = positions[:, -1:]

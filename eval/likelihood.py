@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .generate import max_positions, model_device, pad_token_id
+from .generate import cpu_threads_for, max_positions, model_device, pad_token_id
 
 
 def _right_padded(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,13 +28,14 @@ def _right_padded(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Ten
 
 def _token_logprobs(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """log p(ids[:, t] | ids[:, :t]) for t >= 1, shape [B, T-1], in float32."""
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1, :].float()
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1, :]
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()  # half-precision log-softmax loses the small differences between choices
     targets = ids[:, 1:]
     picked = logits.gather(-1, targets[..., None]).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-@torch.no_grad()
 def choice_logliks(
     model,
     tokenizer,
@@ -43,6 +44,11 @@ def choice_logliks(
     on_batch: Callable[[int], None] | None = None,
 ) -> list[list[float]]:
     """For each (prompt, choices): the summed log-likelihood of every choice given the prompt."""
+    with cpu_threads_for(model), torch.no_grad():
+        return _choice_logliks(model, tokenizer, prompt_choices, batch_size, on_batch)
+
+
+def _choice_logliks(model, tokenizer, prompt_choices, batch_size, on_batch) -> list[list[float]]:
     was_training = model.training
     model.eval()
     device = model_device(model)
@@ -93,7 +99,6 @@ class Perplexity:
     window: int
 
 
-@torch.no_grad()
 def text_perplexity(model, tokenizer, text: str, window: int = 256, batch_size: int = 16) -> Perplexity:
     """exp(mean NLL) over the text, cut into non-overlapping windows of ``window`` tokens.
 
@@ -101,6 +106,11 @@ def text_perplexity(model, tokenizer, text: str, window: int = 256, batch_size: 
     first token of each window is not scored), so the number depends on ``window``, which
     is recorded in the report.
     """
+    with cpu_threads_for(model), torch.no_grad():
+        return _text_perplexity(model, tokenizer, text, window, batch_size)
+
+
+def _text_perplexity(model, tokenizer, text: str, window: int, batch_size: int) -> Perplexity:
     if not text.strip():
         raise ValueError("the held-out text is empty")
     was_training = model.training
