@@ -18,7 +18,7 @@ import torch
 
 from bench import harness
 
-SUITES = ("lora", "fisher", "ewc", "e2e")
+SUITES = ("ewc", "fisher", "lora", "e2e")  # cheap first: a cut-short run keeps the most
 
 
 def _suite(name: str) -> tuple[Callable[[harness.BenchContext], None], list[harness.Target]]:
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench: {ctx.device_name}, torch {torch.__version__}, version {ctx.version}, "
           f"{'quick' if args.quick else 'full'} run, started {ctx.timestamp}", flush=True)
     targets: list[harness.Target] = []
+    csv_path = harness.results_path(ctx, args.results_dir)
     started = time.perf_counter()
     for name in SUITES if args.suite == "all" else (args.suite,):
         print(f"== {name}", flush=True)
@@ -66,13 +67,15 @@ def main(argv: list[str] | None = None) -> int:
             ctx.note(f"{name}: not run, a dependency is missing ({exc})")
             continue
         targets += suite_targets
+        written = len(ctx.rows)
         run(ctx)
+        # Written suite by suite, so an interrupted long run keeps what it measured.
+        harness.write_csv(ctx.rows[written:], csv_path)
         print(f"   {name} took {time.perf_counter() - suite_start:.1f} s", flush=True)
     if not ctx.rows:
         harness.print_ratio_table(ctx.rows, ctx.notes)
         print("bench: nothing was measured", file=sys.stderr)
         return 1
-    csv_path = harness.write_csv(ctx.rows, harness.results_path(ctx, args.results_dir))
     harness.print_ratio_table(ctx.rows, ctx.notes)
     harness.print_targets(ctx.rows, targets)
     print(f"\nbench: {len(ctx.rows)} rows appended to {csv_path}", flush=True)

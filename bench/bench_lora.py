@@ -66,7 +66,7 @@ def layer_shapes(ctx: BenchContext) -> list[LayerShape]:
                 LayerShape(8192, 14336, 4096, 16), LayerShape(8192, 4096, 4096, 64)]
     # The 512-wide Llama of the step target, batch 8x256.
     return [LayerShape(2048, 512, 512, 16), LayerShape(2048, 512, 1376, 16),
-            LayerShape(2048, 1376, 512, 16), LayerShape(2048, 512, 1376, 8), LayerShape(2048, 512, 1376, 64)]
+            LayerShape(2048, 1376, 512, 16), LayerShape(2048, 512, 1376, 64)]
 
 
 def bench_dtype(ctx: BenchContext) -> torch.dtype:
