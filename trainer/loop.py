@@ -314,7 +314,6 @@ def train(cfg: TrainConfig, on_step_end: Callable[[int, dict], None] | None = No
     try:
         while state.step < total_steps:
             step = state.step
-            step_rng = ckpt.rng_state()  # what an interrupt checkpoint must restore
             t0 = time.time()
             lr = lr_at(step, total_steps, cfg)
             for group in optimizer.param_groups:
@@ -380,6 +379,7 @@ def train(cfg: TrainConfig, on_step_end: Callable[[int, dict], None] | None = No
             bar.update(1)
             if cfg.save_steps and state.step % cfg.save_steps == 0:
                 result.last_checkpoint = save()
+            step_rng = ckpt.rng_state()  # the RNG as of state.step: what an interrupt checkpoint restores
             if on_step_end is not None:
                 on_step_end(state.step, record)
             if 0 < cfg.early_stopping_patience <= state.evals_without_improvement:
@@ -389,8 +389,8 @@ def train(cfg: TrainConfig, on_step_end: Callable[[int, dict], None] | None = No
                 break
     except KeyboardInterrupt:
         bar.close()
-        # The step in flight is dropped; the checkpoint holds the last completed one, and the
-        # RNG as it was when that step ended, so a resume replays the very same run.
+        # The step in flight (if any) is dropped; the checkpoint holds the last completed one and
+        # the RNG as it was when that step ended, so a resume replays the very same run.
         state_before = state.step
         result.last_checkpoint = save(rng=step_rng)
         _log(f"interrupted at step {state_before}: checkpoint saved to {result.last_checkpoint}; "
