@@ -26,6 +26,8 @@ from kernels.fisher import _TL_DTYPES
 
 # Bound on the fp32 [rows, in] blocks the torch LoRA path holds at once.
 TORCH_CHUNK_BYTES = 16 << 20
+# Elements per chunk of the torch EWC step (fp32 temporaries of 2 x 1 MiB).
+EWC_TORCH_CHUNK = 1 << 18
 
 
 # =========================================================================== EWC step
@@ -83,19 +85,26 @@ def _ewc_group_triton(params, anchors, fishers, grads, lam: float, interpreting:
 
 
 def _ewc_group_torch(params, anchors, fishers, grads, lam: float) -> torch.Tensor:
-    same = all(t.dtype == torch.float32 for t in (params[0], anchors[0], fishers[0]))
-    if same:
-        diffs = torch._foreach_sub(params, anchors)
-        weighted = torch._foreach_mul(diffs, fishers)
-    else:  # low-precision params or anchors: do the arithmetic in fp32
-        diffs = [p.float() - a.float() for p, a in zip(params, anchors, strict=True)]
-        weighted = [d * f.float() for d, f in zip(diffs, fishers, strict=True)]
-    if grads[0].dtype == torch.float32:
-        torch._foreach_add_(grads, weighted, alpha=lam)
-    else:
-        for g, w in zip(grads, weighted, strict=True):
-            g.add_(w.to(g.dtype), alpha=lam)
-    sums = [torch.dot(d.view(-1), w.view(-1)) for d, w in zip(diffs, weighted, strict=True)]
+    # Cache-sized chunks: the temporaries (p - p*, F (p - p*)) stay in cache, so memory
+    # traffic is one read of p, p*, F, g and one write of g, instead of a full-size
+    # temporary per op (which is what foreach ops or autograd allocate and page in).
+    chunk = EWC_TORCH_CHUNK
+    largest = min(chunk, max(p.numel() for p in params))
+    diff_buf = torch.empty(largest, dtype=torch.float32, device=params[0].device)
+    weighted_buf = torch.empty_like(diff_buf)
+    sums = []
+    for p, a, f, g in zip(params, anchors, fishers, grads, strict=True):
+        p, a, f, g = p.view(-1), a.view(-1), f.view(-1), g.view(-1)
+        for start in range(0, p.numel(), chunk):
+            stop = min(p.numel(), start + chunk)
+            diff = diff_buf[: stop - start]
+            if p.dtype == a.dtype == torch.float32:
+                torch.sub(p[start:stop], a[start:stop], out=diff)
+            else:  # subtract in fp32, not in the parameters' low precision
+                diff.copy_(p[start:stop]).sub_(a[start:stop])
+            weighted = torch.mul(diff, f[start:stop], out=weighted_buf[: stop - start])
+            g[start:stop].add_(weighted.to(g.dtype), alpha=lam)
+            sums.append(torch.dot(diff, weighted))
     return torch.stack(sums).sum()
 
 

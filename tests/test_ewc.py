@@ -29,7 +29,7 @@ def _autograd_reference(params, anchors, fishers, lam):
     return penalty.detach(), [b + g for b, g in zip(before, grads, strict=True)]
 
 
-def _check_ewc(choice, dtype, rtol, **kw):
+def _check_ewc(choice, dtype, grad_rtol, **kw):
     params, anchors, fishers = _ewc_problem(dtype)
     lam = 0.7
     want_penalty, want_grads = _autograd_reference(params, anchors, fishers, lam)
@@ -37,19 +37,24 @@ def _check_ewc(choice, dtype, rtol, **kw):
     with backend.forced(choice):
         penalty = ewc_step(params, anchors, fishers, lam, **kw)
     assert penalty.dtype == torch.float32 and not penalty.requires_grad
-    assert abs(penalty.double() - want_penalty) <= rtol * want_penalty
+    # The penalty is accumulated in fp32 whatever the parameter dtype.
+    assert abs(penalty.double() - want_penalty) <= 1e-5 * want_penalty
     for p, w, b in zip(params, want_grads, before, strict=True):
         assert p.grad.dtype == dtype
-        torch.testing.assert_close(p.grad.double(), w, rtol=rtol, atol=rtol)
+        # bf16 grads: one rounding of the updated value (2^-8 relative) is the whole error.
+        torch.testing.assert_close(p.grad.double(), w, rtol=grad_rtol, atol=grad_rtol)
         assert torch.equal(p.detach(), b)  # parameters untouched
 
 
-def test_ewc_step_torch_matches_autograd():
+def test_ewc_step_torch_matches_autograd(monkeypatch):
+    import kernels.ewc as ewc_mod
+
+    monkeypatch.setattr(ewc_mod, "EWC_TORCH_CHUNK", 16)  # several chunks per tensor, ragged ends
     _check_ewc("torch", torch.float32, 1e-5)
 
 
 def test_ewc_step_torch_bf16_params():
-    _check_ewc("torch", torch.bfloat16, 2e-2)
+    _check_ewc("torch", torch.bfloat16, 8e-3)
 
 
 @pytest.mark.interpret
@@ -60,7 +65,7 @@ def test_ewc_step_interpreter_matches_autograd():
 
 @pytest.mark.interpret
 def test_ewc_step_interpreter_bf16_params():
-    _check_ewc("triton", torch.bfloat16, 2e-2, block=16)
+    _check_ewc("triton", torch.bfloat16, 8e-3, block=16)
 
 
 def test_ewc_step_rejects_mismatched_shapes():
