@@ -28,8 +28,10 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 IGNORE_INDEX = -100
 TASK, REPLAY = 0, 1
@@ -98,6 +100,16 @@ def _row_format(row: object, where: str) -> str:
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """Check every line of a JSONL file, then load it with ``datasets``; returns the rows."""
+    check_jsonl(path)
+    import datasets  # deferred: importing datasets costs seconds, and bad data should fail fast
+
+    datasets.disable_progress_bars()
+    dataset = datasets.load_dataset("json", data_files=str(path), split="train")
+    return list(dataset)
+
+
+def check_jsonl(path: str | Path) -> int:
+    """Check every line of a JSONL file (plain Python, no heavy imports); returns the row count."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{path}: file not found")
@@ -118,11 +130,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
         raise DataError(f"{path}: empty file (no JSON rows)")
     if len(formats) > 1:
         raise DataError(f"{path}: rows mix formats ({', '.join(sorted(formats))}); use one format per file")
-    import datasets  # deferred: importing datasets costs ~1 s
-
-    datasets.disable_progress_bars()
-    dataset = datasets.load_dataset("json", data_files=str(p), split="train")
-    return list(dataset)
+    return count
 
 
 # ----------------------------------------------------------------------------- tokenizing
@@ -291,6 +299,8 @@ def micro_batches(global_batch: list, per_device: int, accumulation: int, rank: 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example: input_ids, attention_mask, labels (-100 on padding)."""
+    import torch  # here, so that checking a config or a data file does not pay for importing torch
+
     width = max(len(ex.input_ids) for ex in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)

@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from trainer.config import ConfigError, TrainConfig, format_config, help_text, parse_command_line, validate
-from trainer.data import DataError
+from trainer.data import DataError, check_jsonl
 
 DEMO = "demo"
 # Keys the default run fills in when model=demo and the user did not set them (issue 6: the
@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.data is None:
             raise ConfigError("data= is required (a task JSONL file), unless model=demo")
         validate(cfg)
+        for path in dict.fromkeys(p for p in (cfg.data, cfg.eval_data, cfg.replay_data, cfg.fisher_data) if p):
+            check_jsonl(path)  # bad rows fail here, in a second, before torch or the model load
         if rank0:
             print("config:\n" + format_config(cfg), flush=True)
         from trainer.loop import TrainingDiverged, train

@@ -1,0 +1,105 @@
+"""The command line as a user meets it: --help, YAML + overrides, and every bad input giving a
+message and a non-zero exit without a traceback (run in a subprocess)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from test_trainer_e2e import make_workspace
+
+from trainer.config import ConfigError, TrainConfig, parse_args
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "trainer.run", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("trainer_cli"), n_task=12, n_general=8)
+
+
+def test_help_lists_every_key_with_its_default():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for f in dataclasses.fields(TrainConfig):
+        assert f"  {f.name}=" in out.stdout, f.name
+    assert "learning_rate=0.001" in out.stdout and "peak AdamW learning rate" in out.stdout
+
+
+def test_yaml_then_overrides_with_types_coerced(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"learning_rate": "2e-4", "method": "full", "lora_targets": ["q_proj"],
+                                    "bf16": False, "max_steps": 7}))
+    cfg = parse_args(["--config", str(path), "max_steps=9", "lora_targets=q_proj,v_proj", "use_rslora=true"])
+    assert (cfg.learning_rate, cfg.method, cfg.max_steps, cfg.bf16) == (2e-4, "full", 9, "false")
+    assert cfg.lora_targets == ["q_proj", "v_proj"] and cfg.use_rslora is True
+    with pytest.raises(ConfigError, match="did you mean learning_rate"):
+        parse_args(["--config", str(path), "learning_rat=1"])
+    path.write_text("warmup_step: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'warmup_step' \(config file\); did you mean warmup_steps"):
+        parse_args(["--config", str(path)])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["learnng_rate=1e-3"], "unknown config key 'learnng_rate' (command line); did you mean learning_rate"),
+    (["max_steps=ten"], "max_steps='ten': expected int"),
+    (["method=qlora"], "method='qlora': must be one of full, lora, ewc, lora_ewc"),
+    (["replay_ratio=1.5", "data=x.jsonl"], "replay_ratio=1.5: must be in [0, 1)"),
+    (["model=/nonexistent/dir", "data=x.jsonl"], "x.jsonl: file not found"),
+])
+def test_bad_config_is_a_message_and_exit_2(args, message):
+    out = run_cli(*args, "progress=false")
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "a", "completion": "b"}\n{"prompt": "a" "completion": "b"}\n', "bad.jsonl:2: not valid JSON"),
+    ('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n', "bad.jsonl:2: missing field 'completion'"),
+    ('{"prompt": "a", "completion": ""}\n', "bad.jsonl:1: empty completion"),
+    ("", "bad.jsonl: empty file"),
+])
+def test_bad_data_is_file_line_message_and_exit_2(ws, tmp_path, content, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    out = run_cli(f"model={ws['model']}", f"data={bad}", f"output_dir={tmp_path / 'out'}", "progress=false")
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_nan_loss_stops_with_a_message_keeping_the_last_checkpoint(ws, tmp_path):
+    # In-process (the exit code for TrainingDiverged is main()'s one line); a learning rate of
+    # 1e30 blows the weights up in the first update, so step 1's checkpoint is the last good one.
+    from test_trainer_e2e import run_config
+
+    from trainer.loop import TrainingDiverged, train
+
+    cfg = run_config(ws, tmp_path / "out", method="full", learning_rate=1e30, max_grad_norm=0.0, save_steps=1,
+                     max_steps=5, per_device_train_batch_size=2)
+    with pytest.raises(TrainingDiverged, match=r"became (nan|inf) at step 2; training stopped, the last good "
+                                               r"checkpoint is .*checkpoint-1"):
+        train(cfg)
+    assert (tmp_path / "out" / "checkpoint-1" / "trainable.safetensors").exists()
+    assert not (tmp_path / "out" / "checkpoint-2").exists()
+
+
+def test_a_cli_run_prints_config_summary_and_saves_config_yaml(ws, tmp_path):
+    out = run_cli(f"model={ws['model']}", f"data={ws['task']}", f"output_dir={tmp_path / 'out'}", "method=lora",
+                  "max_steps=2", "per_device_train_batch_size=2", "progress=false", "lora_r=2")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "config:\n  model: " in out.stdout and "tokens/s" in out.stdout and "peak memory" in out.stdout
+    saved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert saved["lora_r"] == 2 and saved["data"] == str(ws["task"])
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
