@@ -1,2 +1,31 @@
-"""forgetless kernels: fused LoRA, Fisher-in-backward and fused EWC, each with a Triton
-kernel and a torch path (see ``kernels.backend`` for which one runs)."""
+"""forgetless kernels: fused LoRA, Fisher-in-backward and fused EWC.
+
+Each op has a Triton kernel and a plain-torch path with the same math; ``kernels.backend``
+decides which one runs (compiled Triton on CUDA tensors, torch on CPU, the Triton
+interpreter when forced under ``TRITON_INTERPRET=1``).  This package imports nothing else
+of the project.
+"""
+from kernels.ewc import consolidate, ewc_step, lora_ewc_step, lora_fisher_penalty, online_update
+from kernels.fisher import linear_grad_and_fisher, linear_grad_and_fisher_
+from kernels.lora import lora_linear
+from kernels.lora_layers import LoRAConfig, LoRALinear, apply_lora, lora_modules, merge_lora
+from kernels.peft_format import AdapterFormatError, load_adapter, save_adapter
+
+__all__ = [
+    "AdapterFormatError",
+    "LoRAConfig",
+    "LoRALinear",
+    "apply_lora",
+    "consolidate",
+    "ewc_step",
+    "linear_grad_and_fisher",
+    "linear_grad_and_fisher_",
+    "load_adapter",
+    "lora_ewc_step",
+    "lora_fisher_penalty",
+    "lora_linear",
+    "lora_modules",
+    "merge_lora",
+    "online_update",
+    "save_adapter",
+]
