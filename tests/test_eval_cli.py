@@ -208,3 +208,13 @@ def test_subprocess_bad_input_has_no_traceback(world, tmp_path):
     assert proc.returncode == 2
     assert f"{bad}:1: \"answer_index\" must be an integer in [0, 1]" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_base_model_flag_scores_and_gates_in_one_run(world, capsys):
+    out = world["root"] / "self" / "report.json"
+    # the same weights as base and tuned: every drop is exactly 0, so even --max-drop 0 passes
+    assert run(_base_args(world, out, "--base-model", str(world["model"]), "--max-drop", "0")) == 0
+    assert "PASS: no category dropped more than 0 points" in capsys.readouterr().out
+    f = json.loads(out.read_text())["forgetting"]
+    assert f["baseline_run"] == "base" and f["passed"] is True
+    assert all(c["drop"] == 0 for c in f["categories"].values())
