@@ -89,8 +89,9 @@ def load_model(model_dir: str, adapter_dir: str | None, device: str | None, dtyp
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, **{dtype_kw: torch_dtype})
-    except (OSError, ValueError, KeyError) as exc:
-        raise BadInput(f"--model {model_dir}: cannot load a causal LM and tokenizer from it ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - any failure here means the directory is not a usable model
+        raise BadInput(f"--model {model_dir}: cannot load a causal LM and tokenizer from it "
+                       f"({type(exc).__name__}: {exc})") from None
     if adapter_dir is not None:
         try:
             from kernels.peft_format import load_adapter  # lazy: plain models need no kernels
@@ -98,7 +99,7 @@ def load_model(model_dir: str, adapter_dir: str | None, device: str | None, dtyp
             raise BadInput(f"--adapter needs kernels.peft_format, which cannot be imported ({exc})") from None
         try:
             model = load_adapter(model, adapter_dir) or model
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise BadInput(f"--adapter {adapter_dir}: cannot apply it to {model_dir} ({exc})") from None
     try:
         model = model.to(device)

@@ -71,7 +71,7 @@ def draw_chart(report: CapabilityReport, path: Path) -> None:
     if f is None:
         ax.bar(list(xs), after, width=0.6, color="tab:blue", label=report.run_name)
     else:
-        before = [f.categories[n].before if n in f.categories else 0.0 for n in names]
+        before = [f.categories[n].before if n in f.categories else float("nan") for n in names]  # no bar
         ax.bar([x - 0.2 for x in xs], before, width=0.4, color="tab:gray", label=f"before ({f.baseline_run})")
         colors = ["tab:red" if n in f.failed_categories else "tab:blue" for n in names]
         ax.bar([x + 0.2 for x in xs], after, width=0.4, color=colors, label=f"after ({report.run_name})")
