@@ -214,8 +214,6 @@ def _lora_bwd_dx_kernel(
     tile_mask = (rows[:, None] < M) & (cols[None, :] < K)
     v = tl.load(v_ptr + rows[:, None] * stride_vm + ranks[None, :], mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
     v = v.to(DOT_DTYPE)
-    if HAS_DROPOUT:
-        keep = _keep_mask(seed, rows, cols, K, p)  # regenerated once, used by dx and dA
     if NEED_DX:
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
@@ -231,6 +229,13 @@ def _lora_bwd_dx_kernel(
                 other=0.0,
             )
             acc = tl.dot(dy.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    if HAS_DROPOUT:
+        # Regenerated once, after the loop, and used by both dx and dA (which hold it in two
+        # different register layouts).  Held as an fp32 multiplier: an i1 mask that changes
+        # layout goes through shared memory, which the compiler rejects for 1-bit elements
+        # (found by kernels.compile_check; the interpreter accepts it).
+        keep = _keep_mask(seed, rows, cols, K, p).to(tl.float32)
+    if NEED_DX:
         a = tl.load(
             a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
             mask=(ranks[:, None] < R) & (cols[None, :] < K),
@@ -238,7 +243,7 @@ def _lora_bwd_dx_kernel(
         )
         lora = tl.dot(v, a.to(DOT_DTYPE), input_precision=PRECISION)
         if HAS_DROPOUT:
-            lora = tl.where(keep, lora, 0.0)
+            lora = lora * keep
         acc += lora_scale * lora
         tl.store(
             dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk,
@@ -247,7 +252,7 @@ def _lora_bwd_dx_kernel(
         )
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=tile_mask, other=0.0)
     if HAS_DROPOUT:
-        x = tl.where(keep, x, 0.0)
+        x = x.to(tl.float32) * keep
     da_part = tl.dot(tl.trans(v), x.to(DOT_DTYPE), input_precision=PRECISION)  # [BLOCK_R, BLOCK_K]
     tl.store(
         da_part_ptr + pid_m * stride_dap_m + ranks[:, None] * stride_dap_r + cols[None, :],
@@ -283,10 +288,16 @@ class LoRABlocks:
 
 # bf16/fp16 on GPU: 3 stages of a 128x64 x tile and a 64x128 W tile = 96 KiB of shared memory.
 GPU_BLOCKS_16BIT = LoRABlocks()
-# fp32 doubles the bytes per tile: halve BLOCK_K to stay under sm_80's 163 KiB.
-GPU_BLOCKS_FP32 = LoRABlocks(block_k=32)
+# fp32 doubles the bytes per tile: halve BLOCK_N and BLOCK_K to stay well under sm_80's
+# 163 KiB (at 128/128/32 the dx kernel needed 168 KiB on sm_90; see kernels.compile_check).
+GPU_BLOCKS_FP32 = LoRABlocks(block_n=64, block_k=32)
 # Under the interpreter cost scales with programs x loop trips, not tile size: few, big tiles.
 INTERPRETER_BLOCKS = LoRABlocks(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=1)
+
+# The mask helper: big tiles for the interpreter; 4096 elements per program on a GPU (a
+# 32x1024 tile took ptxas over a minute: Philox unrolled over 128 elements per thread).
+KEEP_MASK_BLOCKS_INTERPRETER = (64, 1024)
+KEEP_MASK_BLOCKS_GPU = (16, 256)
 
 _override: LoRABlocks | None = None
 
@@ -411,8 +422,72 @@ def lora_bwd(dy2, x2, weight, lora_A, lora_B, u, scale, dropout_p, seed, need_dx
 def keep_mask(rows: int, cols: int, dropout_p: float, seed: int, device: torch.device) -> torch.Tensor:
     """Materialise the kernels' keep mask (tests and debugging only)."""
     out = torch.empty((rows, cols), device=device, dtype=torch.int8)
-    block_m, block_k = 32, 1024
+    block_m, block_k = KEEP_MASK_BLOCKS_INTERPRETER if backend.interpreter_enabled() else KEEP_MASK_BLOCKS_GPU
     if rows and cols:
         grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_k))
         _keep_mask_kernel[grid](out, rows, cols, seed, dropout_p, BLOCK_M=block_m, BLOCK_K=block_k)
     return out.bool()
+
+
+# --------------------------------------------------------------------------- compile specs
+
+
+def _compile_specs():
+    """Every production launch config, for ``kernels.compile_check`` (sm_80 / sm_90 on the CPU).
+
+    Unit strides are constexprs, as the JIT specialises them on contiguous tensors; the
+    ``conv1d_w`` variants have the transposed weight of a GPT-2 Conv1D (unit stride on out).
+    """
+    from kernels.compile_check import CompileSpec, infer_signature
+
+    floats = ("p", "lora_scale")
+    specs = []
+
+    def add(name, fn, pointers, constexprs, blocks, divisible=()):
+        specs.append(CompileSpec(
+            name, fn, infer_signature(fn, pointers, constexprs, floats), constexprs,
+            num_warps=blocks.num_warps, num_stages=blocks.num_stages, divisible_by_16=divisible,
+        ))  # fmt: skip
+
+    for tag, x_t, blocks, dot_dtype in (
+        ("bf16", "*bf16", GPU_BLOCKS_16BIT, tl.bfloat16),
+        ("fp32", "*fp32", GPU_BLOCKS_FP32, tl.float32),
+    ):
+        # bf16 activations with fp32 LoRA weights: the mixed case exercises the in-kernel casts.
+        lora_t, f32p = "*fp32", "*fp32"
+        tiles = dict(BLOCK_M=blocks.block_m, BLOCK_K=blocks.block_k, BLOCK_R=blocks.block_r,
+                     DOT_DTYPE=dot_dtype, PRECISION="ieee")  # fmt: skip
+        add(f"lora_down/{tag}", _lora_down_kernel, dict(x_ptr=x_t, a_ptr=lora_t, u_ptr=f32p),
+            dict(stride_xk=1, stride_ak=1, HAS_DROPOUT=True, **tiles), blocks,
+            ("K", "stride_xm", "stride_ar"))  # fmt: skip
+        fwd_ptrs = dict(x_ptr=x_t, w_ptr=x_t, bias_ptr=x_t, a_ptr=lora_t, b_ptr=lora_t, u_ptr=f32p, y_ptr=x_t)
+        # Variants only where the tiles are the production ones: the transposed (Conv1D) weight
+        # and the u-in-the-K-loop forward on the bf16 path.
+        w_layouts = [("", dict(stride_wk=1))] + ([("/conv1d_w", dict(stride_wn=1))] if tag == "bf16" else [])
+        fwd_variants = [(suffix, strides, False) for suffix, strides in w_layouts]
+        if tag == "bf16":
+            fwd_variants.append(("/u_in_k_loop", dict(stride_wk=1), True))
+        for suffix, w_strides, u_in_loop in fwd_variants:
+            add(f"lora_fwd/{tag}{suffix}", _lora_fwd_kernel, fwd_ptrs,
+                dict(stride_xk=1, stride_ak=1, stride_br=1, stride_yn=1, **w_strides,
+                     HAS_BIAS=True, HAS_DROPOUT=True, U_IN_K_LOOP=u_in_loop,
+                     BLOCK_N=blocks.block_n, GROUP_M=blocks.group_m, **tiles),
+                blocks, ("N", "K", "stride_xm", "stride_ym", "stride_um", *w_strides.keys() ^ {"stride_wk", "stride_wn"}))  # fmt: skip
+        add(f"lora_bwd_dyb/{tag}", _lora_bwd_dyb_kernel,
+            dict(dy_ptr=x_t, b_ptr=lora_t, u_ptr=f32p, v_ptr=f32p, db_part_ptr=f32p),
+            dict(stride_dyn=1, stride_br=1, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
+                 BLOCK_R=blocks.block_r, DOT_DTYPE=dot_dtype, PRECISION="ieee"),
+            blocks, ("N", "stride_dym", "stride_bn", "stride_um", "stride_vm", "stride_dbp_m", "stride_dbp_n"))  # fmt: skip
+        for suffix, w_strides in w_layouts:
+            add(f"lora_bwd_dx/{tag}{suffix}", _lora_bwd_dx_kernel,
+                dict(dy_ptr=x_t, w_ptr=x_t, v_ptr=f32p, a_ptr=lora_t, x_ptr=x_t, dx_ptr=x_t, da_part_ptr=f32p),
+                dict(stride_dyn=1, stride_ak=1, stride_xk=1, stride_dxk=1, **w_strides,
+                     HAS_DROPOUT=True, NEED_DX=True, BLOCK_N=blocks.block_n, GROUP_M=blocks.group_m, **tiles),
+                blocks, ("N", "K", "stride_dym", "stride_xm", "stride_dxm", "stride_vm", "stride_dap_m",
+                         "stride_dap_r", *w_strides.keys() ^ {"stride_wk", "stride_wn"}))  # fmt: skip
+    add("keep_mask", _keep_mask_kernel, dict(out_ptr="*i8"), dict(BLOCK_M=KEEP_MASK_BLOCKS_GPU[0], BLOCK_K=KEEP_MASK_BLOCKS_GPU[1]),
+        LoRABlocks(num_warps=4, num_stages=1), ("K",))  # fmt: skip
+    return specs
+
+
+COMPILE_SPECS = _compile_specs
