@@ -88,6 +88,12 @@ def _accepts(model, name: str) -> bool:
     return name in inspect.signature(model.forward).parameters
 
 
+def _should_drop_finished(running: torch.Tensor, cache) -> bool:
+    # Selecting rows copies the whole cache, so do it only when a quarter of the batch is done.
+    finished = int((~running).sum())
+    return finished > 0 and 4 * finished >= running.numel() and hasattr(cache, "batch_select_indices")
+
+
 def max_positions(model) -> int | None:
     value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     return int(value) if isinstance(value, int) and value > 0 else None
@@ -167,19 +173,27 @@ def _greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop
             raise RuntimeError("the model returned NaN logits on a left-padded batch; load it in float32/bfloat16 "
                                "or with attn_implementation='sdpa', or use batch_size=1")
         running = torch.ones(len(rows), dtype=torch.bool, device=device)
+        rows_in_batch = torch.arange(len(rows), device=device)  # batch row -> row of `generated`
         generated = torch.full((len(rows), steps), pad_id, dtype=torch.long, device=device)
         last_pos = positions[:, -1:]
         for step in range(steps):
             next_token = out.logits[:, -1, :].argmax(dim=-1)
             next_token = torch.where(running, next_token, torch.full_like(next_token, pad_id))
-            generated[:, step] = next_token
+            generated[rows_in_batch, step] = next_token
             running = running & ~stop_mask[next_token] & (budget > step + 1)
             if step + 1 == steps or not bool(running.any()):
                 break
+            cache = _returned_cache(out)
+            if _should_drop_finished(running, cache):
+                # Finished rows leave the batch: later steps cost only what is still running.
+                keep = running.nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                rows_in_batch, next_token, running = rows_in_batch[keep], next_token[keep], running[keep]
+                attention, last_pos, budget = attention[keep], last_pos[keep], budget[keep]
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
             last_pos = last_pos + 1
             out = model(input_ids=next_token[:, None], attention_mask=attention, position_ids=last_pos,
-                        use_cache=True, **{cache_name: _returned_cache(out)}, **keep_last)
+                        use_cache=True, **{cache_name: cache}, **keep_last)
 
         for r, i in enumerate(idx):
             kept = []

@@ -6,6 +6,7 @@ import pytest
 import torch
 from tiny_models import EOS_ID, tiny_llama, tiny_tokenizer
 
+import eval.generate as generate_module
 from eval.generate import greedy_generate
 
 PROMPTS = ["Hello", "A much longer prompt, with commas and more words", "Q: 2+2=", "x",
@@ -63,7 +64,7 @@ def test_batched_equals_one_by_one():
         assert greedy_generate(model, tok, PROMPTS, _budgets(), batch_size=batch_size) == expected
 
 
-def test_rows_stop_at_newline_and_eos():
+def test_rows_stop_at_newline_and_eos(monkeypatch):
     """Make newline and EOS likely by copying (slightly scaled) the output rows of the two tokens
     the model emits most, so some rows stop early while the rest of their batch goes on."""
     model, tok = float64_sdpa(tiny_llama(seed=2)), tiny_tokenizer()
@@ -78,8 +79,13 @@ def test_rows_stop_at_newline_and_eos():
         head[EOS_ID] = 1.05 * head[second]
     budgets = [12] * len(PROMPTS)
     expected = [reference_greedy(model, tok, p, 12) for p in PROMPTS]
+    drops = []  # record that finished rows really left a batch (the KV-cache row selection path)
+    original = generate_module._should_drop_finished
+    monkeypatch.setattr(generate_module, "_should_drop_finished",
+                        lambda running, cache: drops.append(original(running, cache)) or drops[-1])
     got = greedy_generate(model, tok, PROMPTS, budgets, batch_size=4)
     assert got == expected
+    assert any(drops)
     # Only meaningful if both kinds of stop happened while other rows of the batch went on.
     reasons = {reference_tokens(model, tok, p, 12)[1] for p in PROMPTS}
     assert {"eos", "newline"} <= reasons
