@@ -210,6 +210,7 @@ def score_against_base(
     """
     suite = _as_suite(suite)
     task = _as_suite(task) if task is not None else None
+    score_kwargs.pop("cache", None)  # the base is always cached, the tuned model never (it is new)
     base = score_model(base_model, tokenizer, suite, task=task, text=text, cache=True, run_name=base_name,
                        **score_kwargs)
     tuned = score_model(tuned_model, tokenizer, suite, task=task, text=text, run_name=tuned_name, **score_kwargs)
