@@ -215,3 +215,40 @@ def test_frozen_input_skips_dx(which):
     _run(which, lambda: y.backward(dy))
     actual = {"y": y, "A": A.grad, "B": B.grad}
     _check(which, actual, x, weight, bias, A, B, 2.0, None, 0.0, dy, _eps(torch.float32, 40))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, lora_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.float32, torch.float32)], ids=["bf16-fp32lora", "bf16", "fp32"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1], ids=["p0", "p0.1"])
+def test_gpu_production_tiles_match_float64(dtype, lora_dtype, dropout_p):
+    """Compiled kernels with their production tile sizes (no override), shapes off the tile grid."""
+    lead, in_f, out_f, r = (3, 347), 520, 776, 16
+    x, weight, bias, A, B, dy = _make((*lead, in_f), out_f, r, dtype, lora_dtype, True, grad_base=False)
+    with backend.forced("triton"):
+        y = lora_linear(x, weight, bias, A, B, 2.0, dropout_p=dropout_p, seed=5)
+        y.backward(dy)
+        keep = lora_dropout_mask(3 * 347, in_f, dropout_p, 5, DEVICE).view(*lead, in_f).double() if dropout_p else None
+    actual = {"y": y, "x": x.grad, "A": A.grad, "B": B.grad}
+    _check("gpu", actual, x, weight, bias, A, B, 2.0, keep, dropout_p, dy, _eps(dtype, 3 * 347))
+
+
+@pytest.mark.gpu
+def test_gpu_triton_and_torch_paths_agree_without_dropout():
+    """Second oracle: the compiled kernels against the torch path on CUDA (cuBLAS), bf16."""
+    x, weight, bias, A, B, dy = _make((2, 200, 256), 384, 16, torch.bfloat16, torch.bfloat16, True, False)
+    outs = {}
+    for which in ("triton", "torch"):
+        xi, Ai, Bi = (t.detach().clone().requires_grad_() for t in (x, A, B))
+        with backend.forced(which):
+            y = lora_linear(xi, weight, bias, Ai, Bi, 2.0)
+            y.backward(dy)
+        outs[which] = [y, xi.grad, Ai.grad, Bi.grad]
+    abs_ = lambda t: None if t is None else t.detach().abs()
+    bound_y, bound_g = _reference(abs_(x), weight.abs(), bias.abs(), abs_(A), abs_(B), 2.0, None, 0.0, dy.abs())
+    bounds = [bound_y, bound_g["x"], bound_g["A"], bound_g["B"]]
+    # Each path is within eps·bound of the exact value, so they are within 2·eps·bound of each other.
+    eps = _eps(torch.bfloat16, 400)
+    for name, got, ref, bound in zip(("y", "x", "A", "B"), outs["triton"], outs["torch"], bounds, strict=True):
+        worst = ((got.double() - ref.double()).abs() / (2 * eps * bound + 1e-30)).max().item()
+        assert worst <= 1.0, f"{name}: triton and torch paths differ by {worst:.2f}x the bound"
