@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 import torch
-from tiny_models import EOS_ID, tiny_llama, tiny_tokenizer
+from tiny_models import EOS_ID, tiny_gpt2, tiny_llama, tiny_qwen2, tiny_tokenizer
 
 import eval.generate as generate_module
 from eval.generate import greedy_generate
@@ -57,8 +57,9 @@ def _budgets():
     return [5, 9, 3, 12, 7, 1, 9, 6]
 
 
-def test_batched_equals_one_by_one():
-    model, tok = float64_sdpa(tiny_llama(seed=1)), tiny_tokenizer()
+@pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2, tiny_gpt2], ids=["llama", "qwen2", "gpt2"])
+def test_batched_equals_one_by_one(build):
+    model, tok = float64_sdpa(build(seed=1)), tiny_tokenizer()
     expected = [reference_greedy(model, tok, p, b) for p, b in zip(PROMPTS, _budgets(), strict=True)]
     for batch_size in (3, 8):
         assert greedy_generate(model, tok, PROMPTS, _budgets(), batch_size=batch_size) == expected
