@@ -24,8 +24,12 @@ class BadInput(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m eval", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Score a model on a capability suite; with a baseline, report forgetting and gate on it.",
+        epilog="exit codes: 0 scored (gate passed), 1 gate failed (categories named), 2 bad input\n"
+               "CI step:    python -m eval --model out/merged --suite suite.jsonl --baseline base.json "
+               "--max-drop 5 --out report.json\nsee eval/README.md for the suite format and the report schema")
     p.add_argument("--model", required=True, help="local Hugging Face model directory (config + weights + tokenizer)")
     p.add_argument("--adapter", help="PEFT-format LoRA adapter directory (adapter_config.json + "
                                      "adapter_model.safetensors) applied to --model")
@@ -39,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="REPORT.json path; .md and .png are written beside it")
     p.add_argument("--name", help="run name in the report (default: the --out file stem)")
     p.add_argument("--task-format", help="regex of the task's answer format (overrides the suite's _meta.task_format)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-new-tokens", type=int, default=32, help="default generation budget for rows without one")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per forward pass (default 64)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="generation budget of rows without their own (default 32)")
     p.add_argument("--limit", type=int, help="score only the first N rows of each suite (quick checks)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
