@@ -3,6 +3,7 @@ message and a non-zero exit without a traceback (run in a subprocess)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -95,10 +96,17 @@ def test_nan_loss_stops_with_a_message_keeping_the_last_checkpoint(ws, tmp_path)
     assert not (tmp_path / "out" / "checkpoint-2").exists()
 
 
-def test_a_cli_run_prints_config_summary_and_saves_config_yaml(ws, tmp_path):
+def test_a_cli_run_prints_config_summary_and_saves_config_yaml_and_the_forgetting_report(ws, tmp_path):
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text('{"category": "copy", "prompt": "cat>", "answer": "tac"}\n'
+                     '{"category": "pick", "prompt": "sun>", "choices": ["nus", "sun"], "answer_index": 0}\n')
     out = run_cli(f"model={ws['model']}", f"data={ws['task']}", f"output_dir={tmp_path / 'out'}", "method=lora",
-                  "max_steps=2", "per_device_train_batch_size=2", "progress=false", "lora_r=2")
+                  "max_steps=2", "per_device_train_batch_size=2", "progress=false", "lora_r=2",
+                  f"capability_suite={suite}", "capability_max_drop=100")
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "PASS" in out.stdout
+    report = json.loads((tmp_path / "out" / "forgetting_report.json").read_text())
+    assert set(report["forgetting"]["categories"]) == {"copy", "pick"}
     assert "config:\n  model: " in out.stdout and "tokens/s" in out.stdout and "peak memory" in out.stdout
     saved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
     assert saved["lora_r"] == 2 and saved["data"] == str(ws["task"])
