@@ -340,10 +340,23 @@ def _block_r(blocks: LoRABlocks, r: int) -> int:
 # --------------------------------------------------------------------------- host launchers
 
 
+_INT32_LIMIT = 2**31
+
+
+def _check_offsets_fit_int32(M: int, N: int, K: int) -> None:
+    # Element offsets are computed in int32 inside the kernels (cheaper address math).
+    if max(M * N, M * K, N * K) >= _INT32_LIMIT:
+        raise ValueError(
+            f"lora_linear (Triton): a [{M}, {max(N, K)}] operand has over 2^31 elements; "
+            "split the batch into smaller chunks of tokens"
+        )
+
+
 def lora_fwd(x2, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
     """Returns ``(y [M, N] in x's dtype, u [M, R] fp32 = (x ⊙ keep) Aᵀ, unscaled)``."""
     M, K = x2.shape
     N, R = weight.shape[0], lora_A.shape[0]
+    _check_offsets_fit_int32(M, N, K)
     blocks = _blocks_for(x2.dtype)
     block_r = _block_r(blocks, R)
     dot_dtype, precision = _dot_settings(x2.dtype)
