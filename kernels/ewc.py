@@ -79,7 +79,7 @@ def _ewc_group_triton(params, anchors, fishers, grads, lam: float, interpreting:
         block_tensor.to(device), block_start.to(device), partials, float(lam),
         P_DTYPE=_TL_DTYPES[params[0].dtype], A_DTYPE=_TL_DTYPES[anchors[0].dtype],
         F_DTYPE=_TL_DTYPES[fishers[0].dtype], G_DTYPE=_TL_DTYPES[grads[0].dtype],
-        BLOCK=block,
+        BLOCK=block, num_warps=4, num_stages=1,
     )
     return partials.sum()
 
@@ -284,6 +284,7 @@ def _lora_fisher_triton(A, B, F, scale: float, lam: float, need_grads: bool, int
             A.stride(0), A.stride(1), B.stride(0), B.stride(1), F.stride(0), F.stride(1),
             dA.stride(0), dA.stride(1),
             BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_R=block_r, INPUT_PRECISION=precision,
+            num_warps=4, num_stages=2,
         )
     db_arg = dB if need_grads else partials
     _lora_fisher_dB_kernel[(n_row_tiles,)](
@@ -291,7 +292,7 @@ def _lora_fisher_triton(A, B, F, scale: float, lam: float, need_grads: bool, int
         A.stride(0), A.stride(1), B.stride(0), B.stride(1), F.stride(0), F.stride(1),
         dB.stride(0) if need_grads else 0, dB.stride(1) if need_grads else 0,
         HAS_GRAD=need_grads, BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_R=block_r,
-        INPUT_PRECISION=precision,
+        INPUT_PRECISION=precision, num_warps=4, num_stages=2,
     )
     return partials.sum(), dA, dB
 
@@ -379,3 +380,46 @@ def lora_ewc_step(terms: Sequence[tuple], lam: float) -> torch.Tensor:
             p.grad.add_(d.to(p.grad.dtype))
         total = penalty if total is None else total + penalty.to(total.device)
     return total if total is not None else torch.zeros(())
+
+
+# =========================================================================== compile test
+
+
+def _compile_specs() -> list:
+    """The CUDA launch configurations of this module's kernels, for
+    ``python -m kernels.compile_check`` (unit strides are constexpr 1, as the JIT makes them)."""
+    from kernels.compile_check import CompileSpec, infer_signature
+
+    specs = []
+    tables = ("param_ptrs", "anchor_ptrs", "fisher_ptrs", "grad_ptrs", "numels", "block_tensor", "block_start")
+    for name, p_dtype in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
+        constexprs = dict(P_DTYPE=p_dtype, A_DTYPE=p_dtype, F_DTYPE=tl.float32, G_DTYPE=p_dtype, BLOCK=4096)
+        pointers = dict.fromkeys(tables, "*i64") | {"partial_ptr": "*fp32"}
+        specs.append(CompileSpec(
+            name=f"ewc_step/{name}", fn=_ewc_step_kernel,
+            signature=infer_signature(_ewc_step_kernel, pointers, constexprs, floats=("lam",)),
+            constexprs=constexprs, num_warps=4, num_stages=1,
+        ))
+    # Small rank in fp32 and the largest rank block in bf16 (the costliest tiles); compiling
+    # every combination takes minutes on a shared CPU for little extra coverage.
+    for name, ab, block_r in (("fp32", "*fp32", 16), ("bf16", "*bf16", 64)):
+        common = dict(BLOCK_O=64, BLOCK_I=64, BLOCK_R=block_r, INPUT_PRECISION="ieee",
+                      stride_ai=1, stride_br=1, stride_fi=1)
+        floats = ("scale", "lam")
+        for fn, extra, out_ptr in (
+            (_lora_fisher_dA_kernel, dict(stride_dai=1), {"da_ptr": "*fp32"}),
+            (_lora_fisher_dB_kernel, dict(stride_dbr=1, HAS_GRAD=True),
+             {"db_ptr": "*fp32", "partial_ptr": "*fp32"}),
+        ):
+            constexprs = common | extra
+            pointers = {"a_ptr": ab, "b_ptr": ab, "f_ptr": "*fp32"} | out_ptr
+            specs.append(CompileSpec(
+                name=f"{fn.__name__.strip('_').replace('_kernel', '')}/{name}/r{block_r}", fn=fn,
+                signature=infer_signature(fn, pointers, constexprs, floats=floats),
+                constexprs=constexprs, num_warps=4, num_stages=2,
+                divisible_by_16=("IN", "OUT", "stride_ar", "stride_bo", "stride_fo"),
+            ))
+    return specs
+
+
+COMPILE_SPECS = _compile_specs

@@ -14,9 +14,9 @@ with fp32 accumulation, never holding the N per-sample gradients at once:
 * Triton: one program per ``(out, in)`` tile loops over samples n and positions t,
   accumulating ``P = dy_n[:, tile]^T x_n[:, tile]`` in registers, then ``grad += P`` and
   ``fisher += P * P``.  Same FLOPs as the weight gradient plus one FMA per element per sample.
-* torch (the CPU fast path and the tests' oracle shape): batched matmuls over chunks of
-  samples (the chunk is sized so that the per-sample block stays under
-  ``TORCH_CHUNK_BYTES``), then square-and-sum; for ``T = 1`` it is ``mm(dy^2, x^2)``.
+* torch (the CPU fast path): per row tile of ``[out, in]`` (``TORCH_TILE_BYTES``) and per
+  sample, one matmul into a cache-resident tile, then ``fisher += P * P`` (``addcmul_``);
+  memory beyond the accumulators is one tile.  For ``T = 1`` it is ``mm(dy^2, x^2)``.
 
 The caller normalises (divides by N) if it wants a mean.
 """
@@ -28,8 +28,9 @@ import triton.language as tl
 
 from kernels import backend
 
-# Bound on the fp32 per-sample gradient block the torch path holds at once.
-TORCH_CHUNK_BYTES = 32 << 20
+# Size of the fp32 per-sample gradient tile of the torch path: about an L2 cache, so the
+# tile and the Fisher rows it is added to stay in cache.
+TORCH_TILE_BYTES = 1 << 20
 
 
 # --------------------------------------------------------------------------- Triton
@@ -155,31 +156,35 @@ def _grad_fisher_triton(
 
 def _grad_fisher_torch(
     x3: torch.Tensor, dy3: torch.Tensor, grad_acc: torch.Tensor | None, fisher_acc: torch.Tensor,
-    chunk_bytes: int = TORCH_CHUNK_BYTES,
 ) -> None:
     """Adds into the accumulators (which the caller zeroed for the out-of-place form)."""
     n, t, in_features = x3.shape
     out_features = dy3.shape[2]
+    x3, dy3 = x3.float(), dy3.float()
     if t == 1:
         # One position per sample: G_n is the outer product dy_n x_n^T, so
         # sum_n G_n^2 = (dy^2)^T (x^2) exactly, with no per-sample block at all.
-        x2 = x3[:, 0, :].float()
-        dy2 = dy3[:, 0, :].float()
+        x2, dy2 = x3[:, 0, :], dy3[:, 0, :]
         fisher_acc.addmm_(dy2.square().t(), x2.square())
         if grad_acc is not None:
             grad_acc.addmm_(dy2.t(), x2)
         return
-    per_sample_bytes = out_features * in_features * 4
-    chunk = max(1, min(n, chunk_bytes // max(per_sample_bytes, 1)))
-    buf = torch.empty((chunk, out_features, in_features), dtype=torch.float32, device=x3.device)
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        block = buf[: stop - start]
-        torch.bmm(dy3[start:stop].float().transpose(1, 2), x3[start:stop].float(), out=block)
-        if grad_acc is not None:
-            grad_acc.add_(block.sum(0))
-        block.square_()
-        fisher_acc.add_(block.sum(0))
+    # Row tiles of the [out, in] block, samples innermost: the per-sample product of a tile
+    # and its Fisher rows stay in cache while the samples go by, so the extra cost over the
+    # weight gradient is one fused multiply-add per element per sample (addcmul_), not
+    # full-size per-sample tensors going through memory.
+    rows = max(64, TORCH_TILE_BYTES // (4 * in_features))
+    tile = torch.empty((min(rows, out_features), in_features), dtype=torch.float32, device=x3.device)
+    for o0 in range(0, out_features, rows):
+        o1 = min(out_features, o0 + rows)
+        block = tile[: o1 - o0]
+        fisher_rows = fisher_acc[o0:o1]
+        grad_rows = grad_acc[o0:o1] if grad_acc is not None else None
+        for i in range(n):
+            torch.mm(dy3[i, :, o0:o1].t(), x3[i], out=block)
+            fisher_rows.addcmul_(block, block)
+            if grad_rows is not None:
+                grad_rows.add_(block)
 
 
 # --------------------------------------------------------------------------- public
@@ -248,3 +253,41 @@ def linear_grad_and_fisher(
     _grad_fisher_triton(x3, dy3, grad, fisher, accumulate=False, interpreting=choice == "interpret",
                         block_o=block_o, block_i=block_i, block_t=block_t)
     return grad, fisher
+
+
+# --------------------------------------------------------------------------- compile test
+
+
+def _compile_specs() -> list:
+    """The launch configurations :func:`_grad_fisher_triton` uses on CUDA, for
+    ``python -m kernels.compile_check`` (contiguous inputs: unit strides are constexpr 1)."""
+    from kernels.compile_check import CompileSpec, infer_signature
+
+    specs = []
+    block_o, block_i, block_t = _default_blocks(0, 0, interpreting=False)
+    # fp16 compiles like bf16; the fisher-only variant differs by the skipped grad store.
+    for name, dtype, dot_dtype, precision, grad_variants in (
+        ("bf16", "*bf16", tl.bfloat16, "ieee", (True, False)),
+        ("fp32", "*fp32", tl.float32, "ieee", (True,)),
+        ("fp32_tf32", "*fp32", tl.float32, "tf32", (False,)),
+    ):
+        for has_grad in grad_variants:
+            constexprs = dict(
+                stride_xi=1, stride_do=1, stride_gi=1, stride_fi=1,
+                HAS_GRAD=has_grad, ACCUMULATE=True,
+                BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t,
+                DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
+            )
+            pointers = {"x_ptr": dtype, "dy_ptr": dtype, "grad_ptr": "*fp32", "fisher_ptr": "*fp32"}
+            specs.append(CompileSpec(
+                name=f"grad_fisher/{name}" + ("" if has_grad else "/fisher_only"),
+                fn=_grad_fisher_kernel,
+                signature=infer_signature(_grad_fisher_kernel, pointers, constexprs),
+                constexprs=constexprs, num_warps=4, num_stages=2,
+                divisible_by_16=("IN", "OUT", "stride_xn", "stride_xt", "stride_dn", "stride_dt",
+                                 "stride_go", "stride_fo"),
+            ))
+    return specs
+
+
+COMPILE_SPECS = _compile_specs

@@ -67,13 +67,13 @@ def test_torch_path_matches_float64_and_backpack(n, t, i, o):
     _assert_close(fisher, _backpack_sum_grad_squared(x, dy))
 
 
-def test_torch_path_small_chunks_and_strided_inputs(monkeypatch):
+def test_torch_path_row_tiles_and_strided_inputs(monkeypatch):
     import kernels.fisher as fisher_mod
 
-    # Force one sample per chunk and feed transposed (non-contiguous) inputs.
-    monkeypatch.setattr(fisher_mod, "TORCH_CHUNK_BYTES", 1)
+    # 64-row tiles over 150 output rows (two full tiles and a ragged one), transposed inputs.
+    monkeypatch.setattr(fisher_mod, "TORCH_TILE_BYTES", 1)
     x = torch.randn(6, 11, 5).transpose(1, 2)  # (6, 5, 11) strided
-    dy = torch.randn(6, 7, 5).transpose(1, 2)
+    dy = torch.randn(6, 150, 5).transpose(1, 2)
     grad_ref, fisher_ref = _reference(x, dy)
     with backend.forced("torch"):
         grad, fisher = linear_grad_and_fisher(x, dy)

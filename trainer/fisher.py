@@ -60,7 +60,10 @@ def _is_lora(module: nn.Module) -> bool:
 
 
 def _samples_first(t: torch.Tensor, n: int) -> torch.Tensor:
-    """(N, ..., features) -> (N, T, features) with T the product of the middle dims."""
+    """(N, ..., features) -> (N, T, features) with T the product of the middle dims (a view
+    when the input is already 3-D, whatever its strides: the kernels take strided inputs)."""
+    if t.dim() == 3:
+        return t
     return t.reshape(n, -1, t.shape[-1])
 
 
@@ -191,8 +194,11 @@ class _FisherPass:
         # Several calls of one module in a forward add their per-sample gradients: joining
         # them along T before squaring keeps (sum of the calls)^2 per sample.
         n = self.n
-        x = torch.cat([_samples_first(c[0], n) for c in calls], dim=1)
-        dy = torch.cat([_samples_first(c[1], n) for c in calls], dim=1)
+        if len(calls) == 1:  # the usual case: no copy
+            x, dy = _samples_first(calls[0][0], n), _samples_first(calls[0][1], n)
+        else:
+            x = torch.cat([_samples_first(c[0], n) for c in calls], dim=1)
+            dy = torch.cat([_samples_first(c[1], n) for c in calls], dim=1)
         acc = self.acc
         self.capturing = False
         try:
