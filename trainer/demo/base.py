@@ -55,9 +55,9 @@ class BaseRecipe:
 
     @classmethod
     def tiny(cls) -> BaseRecipe:
-        """Seconds-scale variant for tests: a 2-layer d=32 model, 60 steps."""
-        return cls(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
-                   steps=60, batch_size=32, lr=1e-2, warmup_steps=5)
+        """Seconds-scale variant for tests: a 2-layer d=64 model, 100 steps (~5 s on one core)."""
+        return cls(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                   steps=100, batch_size=32, lr=1e-2, warmup_steps=10)
 
     @classmethod
     def named(cls, name: str) -> BaseRecipe:
