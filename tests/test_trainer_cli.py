@@ -111,3 +111,28 @@ def test_a_cli_run_prints_config_summary_and_saves_config_yaml_and_the_forgettin
     saved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
     assert saved["lora_r"] == 2 and saved["data"] == str(ws["task"])
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
+
+
+def test_no_arguments_means_the_demo_lora_with_replay_and_the_report(tmp_path, monkeypatch):
+    """The default run's config (issue 6): demo base, support task, 20% general replay, LoRA,
+    the demo capability suite; keys the user sets win. Building the base (even the tiny recipe:
+    ~40 s on a busy 2-core machine) is trainer.demo's to test; here it is replaced by a saved
+    tiny model, and the recipe name passed through is checked."""
+    import trainer.demo.base
+    from trainer.config import parse_command_line
+    from trainer.run import resolve_demo
+
+    monkeypatch.setenv("FORGETLESS_CACHE", str(tmp_path / "cache"))
+    asked = []
+    saved = make_workspace(tmp_path, n_task=2, n_general=2)["model"]
+    monkeypatch.setattr(trainer.demo.base, "ensure_base_model",
+                        lambda progress=True, recipe="default": asked.append(recipe) or saved)
+    cfg = resolve_demo(*parse_command_line(["demo_base=tiny", "progress=false"]))
+    assert cfg.method == "lora" and cfg.replay_ratio == 0.2
+    assert Path(cfg.data).name == "task_train.jsonl" and Path(cfg.eval_data).name == "task_val.jsonl"
+    assert Path(cfg.replay_data).name == "general_train.jsonl" and Path(cfg.capability_suite).name == "suite.jsonl"
+    assert cfg.model == str(saved) and asked == ["tiny"]
+    own = resolve_demo(*parse_command_line(["demo_base=tiny", "replay_ratio=0", "capability_suite=none"]))
+    assert own.replay_ratio == 0.0 and own.capability_suite is None
+    mine = resolve_demo(*parse_command_line(["model=/my/model", "data=/my/task.jsonl"]))
+    assert (mine.replay_ratio, mine.replay_data, mine.capability_suite) == (0.0, None, None)

@@ -35,6 +35,8 @@ def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
 class TrainConfig:
     # --- what to train ---------------------------------------------------------------------
     model: str = _f("demo", "local HF model directory (safetensors weights); 'demo' builds/loads the demo base")
+    demo_base: str = _f("default", "recipe of the demo base when model=demo: default | tiny (seconds, for checks)",
+                        ("default", "tiny"))
     tokenizer: str | None = _f(None, "tokenizer directory; default: the model directory")
     method: str = _f("lora", "what trains: full | lora | ewc (full + Fisher penalty) | lora_ewc", METHODS)
     trust_remote_code: bool = _f(False, "allow model code from the model directory (off unless you trust it)")
@@ -93,6 +95,7 @@ class TrainConfig:
     # --- end-of-run forgetting report ------------------------------------------------------
     capability_suite: str | None = _f(None, "eval suite JSONL scored on base and tuned model at the end ('demo' = demo suite)")
     capability_task: str | None = _f(None, "eval suite JSONL of the target task, for the target gain in the report")
+    capability_limit: int | None = _f(None, "score only the first N rows of each suite (quick checks)")
     capability_max_drop: float | None = _f(None, "fail the run (exit 1) when a capability drops by more than N points")
 
     def to_dict(self) -> dict[str, Any]:

@@ -54,7 +54,7 @@ def resolve_demo(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
         from trainer.demo.base import ensure_base_model
 
         print("demo: building or loading the cached demo base model ...", flush=True)
-        resolved["model"] = str(ensure_base_model(progress=cfg.progress))
+        resolved["model"] = str(ensure_base_model(progress=cfg.progress, recipe=cfg.demo_base))
     return replace(cfg, **resolved)
 
 
@@ -83,7 +83,8 @@ def forgetting_report(cfg: TrainConfig, result) -> int:
     tuned.eval()
     print(f"scoring base and tuned model on {cfg.capability_suite} ...", flush=True)
     report = ev.score_against_base(base, tuned, tokenizer, cfg.capability_suite, max_drop=cfg.capability_max_drop,
-                                   task=cfg.capability_task, progress=cfg.progress)
+                                   task=cfg.capability_task, progress=cfg.progress, limit=cfg.capability_limit,
+                                   model_path=cfg.model)
     files = ev.write_report(report, Path(cfg.output_dir) / "forgetting_report.json")
     print(markdown_table(report))
     print(gate_message(report.forgetting))
