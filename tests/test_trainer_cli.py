@@ -136,3 +136,9 @@ def test_no_arguments_means_the_demo_lora_with_replay_and_the_report(tmp_path, m
     assert own.replay_ratio == 0.0 and own.capability_suite is None
     mine = resolve_demo(*parse_command_line(["model=/my/model", "data=/my/task.jsonl"]))
     assert (mine.replay_ratio, mine.replay_data, mine.capability_suite) == (0.0, None, None)
+
+
+@pytest.mark.parametrize("name", ["lora", "full", "ewc", "lora_ewc"])
+def test_example_configs_parse(name):
+    cfg = parse_args(["--config", str(REPO / "configs" / f"{name}.yaml")])
+    assert cfg.method == name
