@@ -159,3 +159,27 @@ def test_pretraining_beats_the_random_init_on_held_out_general_rows(tiny_base, w
     assert acc > acc_init + 0.1, (acc, acc_init)  # measured: 0.22 vs 0.04
     # the builder's own validation loss (batched, padded, masked) agrees with the float64 loop
     assert demo_base.completion_loss(trained, examples, tok.pad_token_id, batch_size=64) == pytest.approx(nll, abs=1e-4)
+
+
+def test_pretraining_loss_weights_prompt_tokens():
+    """completion mean NLL + w * prompt mean NLL, against a float64 loop over single rows."""
+    tok = build_tokenizer()
+    rows = [{"prompt": "upper: cat\n", "completion": "CAT"}, {"prompt": "count: a b c\n", "completion": "3"},
+            {"prompt": "x\n", "completion": "sorry, i cannot help."}]
+    examples = encode_rows(rows, tok)
+    model = init_model(BaseRecipe.tiny(), tok).eval()
+    completion_nll, prompt_nll, n_completion, n_prompt = 0.0, 0.0, 0, 0
+    with torch.no_grad():
+        for ids, prompt_len in examples:
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+            for t in range(1, len(ids)):
+                if t < prompt_len:
+                    prompt_nll -= float(logp[t - 1, ids[t]])
+                    n_prompt += 1
+                else:
+                    completion_nll -= float(logp[t - 1, ids[t]])
+                    n_completion += 1
+        batch = collate(examples, tok.pad_token_id)
+        for weight in (0.0, 0.3):
+            want = completion_nll / n_completion + weight * prompt_nll / n_prompt
+            assert float(demo_base.pretraining_loss(model, batch, weight)) == pytest.approx(want, abs=1e-5)

@@ -52,6 +52,10 @@ class BaseRecipe:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    # Loss on prompt tokens, relative to the completion loss (0 = completion only, as in
+    # fine-tuning). Prompts are ordinary text: predicting them teaches the word list and the
+    # instruction forms, which the copy-type tasks then rely on.
+    prompt_loss_weight: float = 0.0
 
     @classmethod
     def tiny(cls) -> BaseRecipe:
@@ -151,6 +155,20 @@ def completion_loss(model: LlamaForCausalLM, examples: list[tuple[list[int], int
     return total / max(1, count)
 
 
+def pretraining_loss(model: LlamaForCausalLM, batch: dict[str, torch.Tensor],
+                     prompt_loss_weight: float) -> torch.Tensor:
+    """Mean NLL of the completion tokens, plus ``prompt_loss_weight`` x that of the prompt tokens."""
+    if prompt_loss_weight == 0.0:
+        return model(**batch).loss
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["input_ids"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")
+    completion = batch["labels"][:, 1:] != IGNORE_INDEX
+    prompt = (batch["attention_mask"][:, 1:] == 1) & ~completion
+    loss = (nll * completion).sum() / completion.sum().clamp(min=1)
+    return loss + prompt_loss_weight * (nll * prompt).sum() / prompt.sum().clamp(min=1)
+
+
 def length_grouped_batches(lengths: list[int], batch_size: int, steps: int, seed: int,
                            group: int = 8) -> Iterator[list[int]]:
     """``steps`` batches of row indices drawn uniformly at random, with little padding.
@@ -192,7 +210,7 @@ def pretrain(model: LlamaForCausalLM, examples: list[tuple[list[int], int]], rec
     for step, picks in enumerate(batches):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, recipe)
-        loss = model(**collate([examples[i] for i in picks], pad_id)).loss
+        loss = pretraining_loss(model, collate([examples[i] for i in picks], pad_id), recipe.prompt_loss_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
