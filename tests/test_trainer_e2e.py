@@ -162,6 +162,11 @@ def test_ewc_estimates_saves_and_reuses_the_fisher(ws, tmp_path):
     again = train(run_config(ws, tmp_path / "ewc", method="ewc", learning_rate=3e-3, max_steps=1,
                              replay_data=str(ws["general"])))
     assert again.fisher_file == fisher_file and fisher_file.stat().st_mtime_ns == stamp
+    # Online EWC: same base and data, so F_new = F and the merged Fisher is (gamma + 1) F.
+    online = train(run_config(ws, tmp_path / "ewc2", method="ewc", learning_rate=3e-3, max_steps=1,
+                              replay_data=str(ws["general"]), previous_fisher=str(fisher_file), ewc_online_gamma=0.5))
+    merged = load_file(str(online.fisher_file))
+    torch.testing.assert_close(merged[f"fisher.{name}"], 1.5 * tensors[f"fisher.{name}"], rtol=1e-5, atol=1e-12)
 
 
 @_needs("trainer.fisher")
