@@ -139,3 +139,16 @@ def test_errors_are_actionable():
     batch["labels"] = torch.full_like(batch["labels"], -100)
     with pytest.raises(ValueError, match="no label tokens"):
         estimate_fisher(model, [batch])
+
+
+@pytest.mark.interpret
+def test_empirical_fisher_through_the_triton_interpreter():
+    # The gradients tensor hooks receive come with whatever strides autograd produced: the
+    # Triton kernel must take them as they are.
+    from kernels import backend
+
+    model = tiny_llama(seed=5, num_hidden_layers=1)
+    batches = _batches(seed=5)[:1]
+    with backend.forced("triton"):
+        fisher = estimate_fisher(model, batches)
+    _assert_matches(fisher, _oracle(model, batches))
