@@ -37,14 +37,20 @@ def _draw_seed() -> int:
 def _torch_keep_mask(rows: int, cols: int, dropout_p: float, seed: int, device: torch.device) -> torch.Tensor:
     """Boolean ``[rows, cols]`` mask, True where an element of x is KEPT.
 
-    ``torch.rand(generator=...) >= p`` is the cheapest exact-probability mask torch offers on
-    CPU (measured single-threaded at 2048x512: rand 3.0 ms, ``bernoulli_`` 10 ms,
-    ``F.dropout`` 14 ms), so generating it twice (forward and backward) still costs less
-    than PEFT's one dropout.  The fp32 uniforms are a transient, never saved.
+    Four mask elements per 64-bit draw: full-range random int64s viewed as int16 lanes, kept
+    when the lane is >= ``round(p·2¹⁶) - 2¹⁵``.  So the drop probability is ``p`` rounded to a
+    multiple of 2⁻¹⁶ (off by at most 7.6e-6; 0.05 becomes 0.050003).  In exchange the mask
+    costs a quarter of the generator calls: measured single-threaded at 2048x512, 1.3 ms
+    against 7.8 ms for ``torch.rand(...) >= p`` and 26 ms for ``F.dropout`` (PEFT's), so
+    generating it twice (forward and backward) still costs far less than PEFT's one dropout.
     """
+    n = rows * cols
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    return torch.rand((rows, cols), generator=gen, device=device) >= dropout_p
+    # random_(-2**63, None) is torch's spelling of "every 64-bit pattern equally likely".
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None, generator=gen)
+    threshold = round(dropout_p * 65536) - 32768
+    return bits.view(torch.int16)[:n].view(rows, cols) >= threshold
 
 
 def _lora_fwd_torch(x2, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
