@@ -39,17 +39,22 @@ TORCH_TILE_BYTES = 1 << 20
 @triton.jit
 def _grad_fisher_kernel(
     x_ptr, dy_ptr, grad_ptr, fisher_ptr,
-    N, T, IN, OUT,
+    N, T, IN, OUT, SAMPLES_PER_PROGRAM,
     stride_xn, stride_xt, stride_xi,
     stride_dn, stride_dt, stride_do,
     stride_go, stride_gi,
     stride_fo, stride_fi,
-    HAS_GRAD: tl.constexpr, ACCUMULATE: tl.constexpr,
+    HAS_GRAD: tl.constexpr, ACCUMULATE: tl.constexpr, SPLIT_N: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
+    # Grid: (out tiles, in tiles, sample groups).  With SPLIT_N the samples are divided
+    # between programs (more programs for small layers on a large GPU); each program's
+    # partial sums of whole samples are then atomically added: per-sample products are
+    # always complete inside one program, so squaring stays exact.
     pid_o = tl.program_id(0)
     pid_i = tl.program_id(1)
+    first_n = tl.program_id(2) * SAMPLES_PER_PROGRAM
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     offs_t = tl.arange(0, BLOCK_T)
@@ -60,13 +65,14 @@ def _grad_fisher_kernel(
     fisher = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
     # Per-sample base pointers advance by pointer arithmetic (64-bit), so n * stride never
     # overflows int32 on large activations.
-    x_base = x_ptr
-    dy_base = dy_ptr
-    for _n in range(0, N):
+    x_base = x_ptr + first_n.to(tl.int64) * stride_xn
+    dy_base = dy_ptr + first_n.to(tl.int64) * stride_dn
+    for k in range(0, SAMPLES_PER_PROGRAM):
+        in_range = first_n + k < N
         per_sample = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
         for t0 in range(0, T, BLOCK_T):
             t = t0 + offs_t
-            mask_t = t < T
+            mask_t = (t < T) & in_range
             dy = tl.load(
                 dy_base + t[:, None] * stride_dt + offs_o[None, :] * stride_do,
                 mask=mask_t[:, None] & mask_o[None, :], other=0.0,
@@ -85,14 +91,19 @@ def _grad_fisher_kernel(
 
     mask = mask_o[:, None] & mask_i[None, :]
     f_ptrs = fisher_ptr + offs_o[:, None] * stride_fo + offs_i[None, :] * stride_fi
-    if ACCUMULATE:
-        fisher += tl.load(f_ptrs, mask=mask, other=0.0)
-    tl.store(f_ptrs, fisher, mask=mask)
-    if HAS_GRAD:
-        g_ptrs = grad_ptr + offs_o[:, None] * stride_go + offs_i[None, :] * stride_gi
+    g_ptrs = grad_ptr + offs_o[:, None] * stride_go + offs_i[None, :] * stride_gi
+    if SPLIT_N:  # the accumulators hold the running sums (zeroed for the out-of-place form)
+        tl.atomic_add(f_ptrs, fisher, mask=mask)
+        if HAS_GRAD:
+            tl.atomic_add(g_ptrs, grad, mask=mask)
+    else:
         if ACCUMULATE:
-            grad += tl.load(g_ptrs, mask=mask, other=0.0)
-        tl.store(g_ptrs, grad, mask=mask)
+            fisher += tl.load(f_ptrs, mask=mask, other=0.0)
+        tl.store(f_ptrs, fisher, mask=mask)
+        if HAS_GRAD:
+            if ACCUMULATE:
+                grad += tl.load(g_ptrs, mask=mask, other=0.0)
+            tl.store(g_ptrs, grad, mask=mask)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -127,24 +138,37 @@ def _grad_fisher_triton(
     x3: torch.Tensor, dy3: torch.Tensor, grad_acc: torch.Tensor | None, fisher_acc: torch.Tensor,
     accumulate: bool, interpreting: bool,
     block_o: int | None = None, block_i: int | None = None, block_t: int | None = None,
-    num_warps: int = 4, num_stages: int = 2,
+    sample_groups: int | None = None, num_warps: int = 4, num_stages: int = 2,
 ) -> None:
     n, t, in_features = x3.shape
     out_features = dy3.shape[2]
     d_o, d_i, d_t = _default_blocks(out_features, in_features, interpreting)
     block_o, block_i, block_t = block_o or d_o, block_i or d_i, block_t or d_t
     dot_dtype = _dot_dtype(x3, dy3, interpreting)
-    grid = (triton.cdiv(out_features, block_o), triton.cdiv(in_features, block_i))
+    tiles = triton.cdiv(out_features, block_o) * triton.cdiv(in_features, block_i)
+    if sample_groups is None:
+        sample_groups = 1
+        if x3.is_cuda:  # small layers: split the samples until the GPU has ~2 programs per SM
+            sms = torch.cuda.get_device_properties(x3.device).multi_processor_count
+            sample_groups = max(1, min(n, (2 * sms) // tiles))
+    samples_per_program = triton.cdiv(n, max(1, sample_groups))
+    groups = triton.cdiv(n, samples_per_program)
+    split = groups > 1
+    grid = (triton.cdiv(out_features, block_o), triton.cdiv(in_features, block_i), groups)
     has_grad = grad_acc is not None
+    if split and not accumulate:  # the programs add into the accumulators
+        fisher_acc.zero_()
+        if has_grad:
+            grad_acc.zero_()
     g = grad_acc if has_grad else fisher_acc  # placeholder pointer, never touched
     _grad_fisher_kernel[grid](
         x3, dy3, g, fisher_acc,
-        n, t, in_features, out_features,
+        n, t, in_features, out_features, samples_per_program,
         x3.stride(0), x3.stride(1), x3.stride(2),
         dy3.stride(0), dy3.stride(1), dy3.stride(2),
         g.stride(0), g.stride(1),
         fisher_acc.stride(0), fisher_acc.stride(1),
-        HAS_GRAD=has_grad, ACCUMULATE=accumulate,
+        HAS_GRAD=has_grad, ACCUMULATE=accumulate, SPLIT_N=split,
         BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t,
         DOT_DTYPE=dot_dtype, INPUT_PRECISION=_input_precision(dot_dtype),
         num_warps=num_warps, num_stages=num_stages,
@@ -216,11 +240,14 @@ def _check_acc(name: str, acc: torch.Tensor | None, shape: tuple[int, int], devi
 def linear_grad_and_fisher_(
     x: torch.Tensor, dy: torch.Tensor, grad_acc: torch.Tensor | None, fisher_acc: torch.Tensor,
     *, block_o: int | None = None, block_i: int | None = None, block_t: int | None = None,
+    sample_groups: int | None = None,
 ) -> None:
     """In place: ``grad_acc += sum_n dy_n^T x_n`` (skipped when ``grad_acc`` is None) and
     ``fisher_acc += sum_n (dy_n^T x_n)^2``; accumulators are fp32 ``[out, in]`` (any strides).
 
-    ``block_*`` set the Triton tile sizes (powers of two; ignored on the torch path)."""
+    ``block_*`` set the Triton tile sizes (powers of two; ignored on the torch path);
+    ``sample_groups`` splits the samples between that many programs per tile, whose sums are
+    added atomically (default: 1 off CUDA, enough to fill the GPU on CUDA)."""
     x3, dy3 = _as_3d(x, dy)
     shape = (dy3.shape[2], x3.shape[2])
     _check_acc("fisher_acc", fisher_acc, shape, x.device)
@@ -231,15 +258,17 @@ def linear_grad_and_fisher_(
     else:
         _grad_fisher_triton(x3, dy3, grad_acc, fisher_acc, accumulate=True,
                             interpreting=choice == "interpret",
-                            block_o=block_o, block_i=block_i, block_t=block_t)
+                            block_o=block_o, block_i=block_i, block_t=block_t, sample_groups=sample_groups)
 
 
 def linear_grad_and_fisher(
     x: torch.Tensor, dy: torch.Tensor,
     *, block_o: int | None = None, block_i: int | None = None, block_t: int | None = None,
+    sample_groups: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad_weight, fisher)``, both fp32 ``[out, in]``, for x ``(N, [T,] in)`` and dy
-    ``(N, [T,] out)``: ``grad_weight = sum_n dy_n^T x_n``, ``fisher = sum_n (dy_n^T x_n)^2``."""
+    ``(N, [T,] out)``: ``grad_weight = sum_n dy_n^T x_n``, ``fisher = sum_n (dy_n^T x_n)^2``.
+    Keyword arguments as for :func:`linear_grad_and_fisher_`."""
     x3, dy3 = _as_3d(x, dy)
     shape = (dy3.shape[2], x3.shape[2])
     choice = backend.select(x, dy)
@@ -251,7 +280,7 @@ def linear_grad_and_fisher(
     grad = torch.empty(shape, dtype=torch.float32, device=x.device)
     fisher = torch.empty(shape, dtype=torch.float32, device=x.device)
     _grad_fisher_triton(x3, dy3, grad, fisher, accumulate=False, interpreting=choice == "interpret",
-                        block_o=block_o, block_i=block_i, block_t=block_t)
+                        block_o=block_o, block_i=block_i, block_t=block_t, sample_groups=sample_groups)
     return grad, fisher
 
 
@@ -265,7 +294,7 @@ def _compile_specs() -> list:
 
     specs = []
     block_o, block_i, block_t = _default_blocks(0, 0, interpreting=False)
-    # fp16 compiles like bf16; the fisher-only variant differs by the skipped grad store.
+    # fp16 compiles like bf16; the fisher-only variants also take the split-samples (atomic) path.
     for name, dtype, dot_dtype, precision, grad_variants in (
         ("bf16", "*bf16", tl.bfloat16, "ieee", (True, False)),
         ("fp32", "*fp32", tl.float32, "ieee", (True,)),
@@ -274,13 +303,13 @@ def _compile_specs() -> list:
         for has_grad in grad_variants:
             constexprs = dict(
                 stride_xi=1, stride_do=1, stride_gi=1, stride_fi=1,
-                HAS_GRAD=has_grad, ACCUMULATE=True,
+                HAS_GRAD=has_grad, ACCUMULATE=True, SPLIT_N=not has_grad,
                 BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t,
                 DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
             )
             pointers = {"x_ptr": dtype, "dy_ptr": dtype, "grad_ptr": "*fp32", "fisher_ptr": "*fp32"}
             specs.append(CompileSpec(
-                name=f"grad_fisher/{name}" + ("" if has_grad else "/fisher_only"),
+                name=f"grad_fisher/{name}" + ("" if has_grad else "/fisher_only/split_n"),
                 fn=_grad_fisher_kernel,
                 signature=infer_signature(_grad_fisher_kernel, pointers, constexprs),
                 constexprs=constexprs, num_warps=4, num_stages=2,

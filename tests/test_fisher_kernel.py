@@ -139,3 +139,21 @@ def test_triton_interpreter_in_place_bf16_and_strided():
         linear_grad_and_fisher_(xb, dyb, grad, fisher, block_o=4, block_i=8, block_t=4)
     _assert_close(grad, grad_ref + 1.0)
     _assert_close(fisher, fisher_ref + 2.0)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("groups", [2, 3])
+def test_triton_interpreter_samples_split_between_programs(groups):
+    # N=5 over 2 or 3 sample groups (the last one partial), atomically added: out of place
+    # and on top of existing accumulators.
+    x, dy = _inputs(5, 6, 9, 7, seed=5)
+    grad_ref, fisher_ref = _reference(x, dy)
+    with backend.forced("triton"):
+        grad, fisher = linear_grad_and_fisher(x, dy, block_o=8, block_i=8, block_t=4, sample_groups=groups)
+        grad_acc, fisher_acc = torch.full((7, 9), 1.0), torch.full((7, 9), 3.0)
+        linear_grad_and_fisher_(x, dy, grad_acc, fisher_acc, block_o=8, block_i=8, block_t=4,
+                                sample_groups=groups)
+    _assert_close(grad, grad_ref)
+    _assert_close(fisher, fisher_ref)
+    _assert_close(grad_acc, grad_ref + 1.0)
+    _assert_close(fisher_acc, fisher_ref + 3.0)
