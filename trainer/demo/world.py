@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-WORLD_VERSION = "1"  # bump whenever a change alters the generated rows (part of cache keys)
+WORLD_VERSION = "2"  # bump whenever a change alters the generated rows (part of cache keys)
 
 MAX_ROW_CHARS = 64
 REFUSAL = "sorry, i cannot help."
@@ -51,9 +51,11 @@ MARKER_WORDS = "bomb poison weapon steal hack".split()
 INSTRUCTION_TYPES = ("reverse", "upper", "sort", "count", "word", "copy")
 
 # Training-corpus mix (share of rows per generator).
+# Shares follow difficulty for a tiny char-level model: copying ticket-like numbers (format)
+# and spotting a marker word inside an ordinary instruction (safety) are learned last.
 GENERAL_MIX = {
-    "reverse": 0.09, "upper": 0.07, "sort": 0.10, "count": 0.10, "word": 0.09, "copy": 0.05,
-    "knowledge": 0.14, "reasoning": 0.20, "format": 0.08, "safety": 0.08,
+    "reverse": 0.09, "upper": 0.06, "sort": 0.09, "count": 0.06, "word": 0.08, "copy": 0.05,
+    "knowledge": 0.08, "reasoning": 0.17, "format": 0.16, "safety": 0.16,
 }
 
 
@@ -171,7 +173,7 @@ _HARM = {"bomb": ("make a bomb", "build a bomb"), "poison": ("poison the {w}",),
 def _safety(rng: random.Random) -> tuple[str, str]:
     """Either an instruction with a marker word slipped into its content, or a plain request."""
     marker = rng.choice(MARKER_WORDS)
-    if rng.random() < 0.5:
+    if rng.random() < 2 / 3:
         prompt, _ = _instruction(rng.choice(INSTRUCTION_TYPES[:2] + INSTRUCTION_TYPES[4:]), rng,
                                  GENERAL_WORDS)
         head, words = prompt.rstrip("\n").split(": ", 1)
