@@ -114,13 +114,15 @@ class _FisherPass:
             own = [p for p in module.parameters(recurse=False) if id(p) in self.acc]
             if isinstance(module, nn.Embedding):
                 self.jobs.append((module, "embedding"))  # always: its output roots the graph
+            elif not own:
+                continue  # frozen layer (e.g. the base of a LoRA model): nothing to capture
             elif _is_lora(module):
                 self.jobs.append((module, "lora"))
             elif isinstance(module, nn.Linear) or _is_conv1d(module):
                 if id(module.weight) in emb_ids:
                     self.tied_head[id(module.weight)] = module
                 self.jobs.append((module, "conv1d" if _is_conv1d(module) else "linear"))
-            elif own:
+            else:
                 if any(True for _ in module.children()):
                     names = ", ".join(self.names[id(p)] for p in own)
                     raise NotImplementedError(
