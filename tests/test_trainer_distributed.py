@@ -85,15 +85,23 @@ def runs(tmp_path_factory):
                               [(str(root / f"two-{name}"), dict(per_device_train_batch_size=2, **c))
                                for name, c in cases.items()])
     torch.set_num_threads(threads)
-    return {name: (one[name], two[i]) for i, name in enumerate(cases)}
+    return {name: (one[name], two[i], root / f"one-{name}", root / f"two-{name}") for i, name in enumerate(cases)}
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_gloo_processes_match_one_with_the_same_global_batch(runs, case):
     if case not in runs:
         pytest.skip("FSDP2 (torch.distributed.fsdp.fully_shard) is not in this torch")
-    one, two = runs[case]
+    one, two, one_dir, two_dir = runs[case]
     assert sorted(two) == sorted(one) == [1, 2, 3, 4]
     for step in one:
         assert abs(two[step] - one[step]) <= 1e-5, (step, two[step], one[step])
     assert one[4] < one[1]
+    # Rank 0 saved the whole model (FSDP: gathered from the shards) and it is the same model.
+    from safetensors.torch import load_file
+
+    ref = load_file(str(one_dir / "model" / "model.safetensors"))
+    got = load_file(str(two_dir / "model" / "model.safetensors"))
+    assert sorted(got) == sorted(ref)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)
