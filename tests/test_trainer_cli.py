@@ -142,3 +142,17 @@ def test_no_arguments_means_the_demo_lora_with_replay_and_the_report(tmp_path, m
 def test_example_configs_parse(name):
     cfg = parse_args(["--config", str(REPO / "configs" / f"{name}.yaml")])
     assert cfg.method == name
+
+
+def test_weights_load_only_from_safetensors(ws, tmp_path):
+    import shutil
+
+    from test_trainer_e2e import run_config
+
+    from trainer.loop import train
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(ws["model"], pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    with pytest.raises(ConfigError, match="no \\*.safetensors weights; forgetless loads weights only from safetensors"):
+        train(run_config(ws, tmp_path / "out", model=str(pickled)))

@@ -57,6 +57,7 @@ class TokenizedSet:
 
     def summary(self) -> str:
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.fmt_counts.items()))
+        kinds = f"file rows: {kinds}" if kinds else "held out"
         note = f"; {self.truncated} truncated to max_length" if self.truncated else ""
         note += f"; {self.dropped} dropped (nothing to learn after truncation)" if self.dropped else ""
         return f"{self.path}: {len(self.examples)} examples ({kinds}){note}"
@@ -245,7 +246,7 @@ def split_validation(data: TokenizedSet, share: float, seed: int) -> tuple[Token
     train = [ex for i, ex in enumerate(data.examples) if i not in val_idx]
     val = [ex for i, ex in enumerate(data.examples) if i in val_idx]
     return (TokenizedSet(data.path, train, data.truncated, data.dropped, data.fmt_counts),
-            TokenizedSet(f"{data.path} (validation split)", val, fmt_counts={"held out": len(val)}))
+            TokenizedSet(f"{data.path} (validation split)", val))
 
 
 # ------------------------------------------------------------------------ the batch plan
