@@ -28,7 +28,34 @@ def demo_world_dir() -> Path:
     from trainer.demo.base import default_cache_dir
     from trainer.demo.world import WORLD_VERSION
 
-    return default_cache_dir() / f"world-v{WORLD_VERSION}-seed0"
+    return default_cache_dir() / f"demo-world-v{WORLD_VERSION}-seed0"
+
+
+def demo_world() -> dict[str, Path]:
+    """The demo world's files, built once into the cache. Built beside its final place and
+    renamed into it, so that concurrent runs (every torchrun rank resolves the demo) never
+    read a half-written file."""
+    import json
+    import shutil
+    import tempfile
+
+    from trainer.demo.world import build_world
+
+    final = demo_world_dir()
+    manifest = final / "files.json"
+    if not manifest.exists():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+        world = build_world(staging)
+        names = {k: Path(v).name for k, v in vars(world).items() if k != "root"}
+        (staging / "files.json").write_text(json.dumps(names))
+        try:
+            staging.rename(final)
+        except OSError:  # another process got there first
+            shutil.rmtree(staging, ignore_errors=True)
+            if not manifest.exists():
+                raise ConfigError(f"{final} exists but is not a complete demo world; delete it and rerun") from None
+    return {k: final / name for k, name in json.loads(manifest.read_text()).items()}
 
 
 def resolve_demo(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
@@ -42,13 +69,10 @@ def resolve_demo(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     keys = ("model", "data", "eval_data", "replay_data", "fisher_data", "capability_suite", "capability_task")
     if not any(getattr(cfg, k) == DEMO for k in keys):
         return cfg
-    from trainer.demo.world import build_world
-
-    world_dir = demo_world_dir()
-    world = build_world(world_dir)  # deterministic and quick: rewriting keeps it honest
-    paths = {"data": world.task_train, "eval_data": world.task_val, "replay_data": world.general_train,
-             "fisher_data": world.general_train, "capability_suite": world.suite,
-             "capability_task": world.task_suite}
+    world = demo_world()
+    paths = {"data": world["task_train"], "eval_data": world["task_val"], "replay_data": world["general_train"],
+             "fisher_data": world["general_train"], "capability_suite": world["suite"],
+             "capability_task": world["task_suite"]}
     resolved = {k: str(v) for k, v in paths.items() if getattr(cfg, k) == DEMO}
     if cfg.model == DEMO:
         from trainer.demo.base import ensure_base_model
