@@ -4,6 +4,9 @@ With no arguments it runs the embedded demo: the demo base model (built once and
 synthetic support task, 20% replay of the general corpus, LoRA, and the forgetting report on the
 demo capability suite. Point ``model=`` / ``data=`` at your own local HF directory and JSONL.
 
+Several processes: ``torchrun --nproc_per_node N -m trainer.run ...`` (DDP; add ``fsdp=true`` to
+shard full fine-tuning with FSDP2 - both tested on CPU with gloo, see trainer/distributed.py).
+
 Exit codes: 0 done; 1 training failed (diverged) or the capability gate failed; 2 bad config or
 data (a message, never a traceback); 130 interrupted (a checkpoint was saved).
 """
@@ -155,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted (a checkpoint was saved; resume with resume_from_checkpoint=latest)", file=sys.stderr)
+        # Inside the training loop a checkpoint was saved first (the loop says where); before it, nothing to keep.
+        print("interrupted", file=sys.stderr)
         return 130
 
 
