@@ -235,12 +235,20 @@ def build_base_model(out_dir: str | Path, recipe: BaseRecipe, progress: bool = T
         train = encode_rows(read_rows(world.general_train), tokenizer)
         val = encode_rows(read_rows(world.general_val), tokenizer)
     model = init_model(recipe, tokenizer)
-    start = time.perf_counter()
-    losses = pretrain(model, train, recipe, tokenizer.pad_token_id, progress=progress)
-    seconds = time.perf_counter() - start
+    threads = torch.get_num_threads()
+    if recipe.hidden_size <= 64:
+        # A d<=64 model's matmuls are too small to split across threads: the split costs
+        # more than it saves, and on a busy machine spinning threads cost ~10x.
+        torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        losses = pretrain(model, train, recipe, tokenizer.pad_token_id, progress=progress)
+        seconds = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
     log = {
         "steps": recipe.steps, "seconds": round(seconds, 2), "steps_per_s": round(recipe.steps / seconds, 3),
-        "threads": torch.get_num_threads(), "final_train_loss": losses[-1],
+        "threads": 1 if recipe.hidden_size <= 64 else threads, "final_train_loss": losses[-1],
         "val_completion_loss": completion_loss(model, val, tokenizer.pad_token_id),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
