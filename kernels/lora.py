@@ -53,6 +53,12 @@ def _torch_keep_mask(rows: int, cols: int, dropout_p: float, seed: int, device: 
     return bits.view(torch.int16)[:n].view(rows, cols) >= threshold
 
 
+def _torch_drop_prob(dropout_p: float) -> float:
+    """The drop probability the torch-path mask really has (``p`` rounded to 2⁻¹⁶), so the
+    inverted-dropout rescale ``1/(1-p)`` keeps the LoRA term exactly unbiased."""
+    return round(dropout_p * 65536) / 65536
+
+
 def _lora_fwd_torch(x2, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
     """Returns ``(y2 [M, out], u [M, r])``; computes in x's dtype (library GEMMs accumulate
     bf16/fp16 in fp32 internally); fp32 A/B are cast down once, they are tiny."""
@@ -72,7 +78,7 @@ def _lora_fwd_torch(x2, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
         del keep
     else:
         u = torch.mm(x2, A.t())
-    y.addmm_(u, B.t(), alpha=scale / (1.0 - dropout_p))
+    y.addmm_(u, B.t(), alpha=scale / (1.0 - _torch_drop_prob(dropout_p)))
     return y, u
 
 
@@ -82,7 +88,8 @@ def _lora_bwd_torch(dy2, x2, weight, lora_A, lora_B, u, scale, dropout_p, seed, 
     A = lora_A.to(dtype)
     B = lora_B.to(dtype)
     dy2 = dy2.to(dtype)
-    lora_scale = scale / (1.0 - dropout_p)  # s and the inverted-dropout rescale, in one alpha
+    # s and the inverted-dropout rescale, in one alpha
+    lora_scale = scale / (1.0 - _torch_drop_prob(dropout_p))
     v = torch.mm(dy2, B)  # [M, r]: dy B feeds both dx and dA
     dB = torch.mm(dy2.t(), u).mul_(lora_scale)
     keep = None
