@@ -124,12 +124,15 @@ RUNNERS = {"ours": run_ours, "hf_trainer": run_hf}
 
 def bench_lora_run(ctx: BenchContext, root: Path) -> None:
     s = e2e_shape(ctx)
-    warm, timed = (1, 2) if ctx.quick else (2, 4)
-    rounds = 1 if ctx.quick else 2
+    # Each step of the full model takes seconds; --repeats N bounds the timed steps per run,
+    # and a short run (N <= 3) does one round and one dropout setting (the trainer's default 0).
+    short = ctx.quick or ctx.repeats <= 3
+    warm, timed = (1, 2) if ctx.quick else (1 if short else 2, max(2, min(4, ctx.repeats)))
+    rounds = 1 if short else 2
     model_dir, data, s = write_workspace(root, s, rows=s.batch * (warm + timed) * 2, device=ctx.device)
     tokens = s.batch * s.seq
     # Quick mode (a harness check) runs one dropout setting only: each run reloads the model.
-    for dropout in (0.05,) if ctx.quick else (0.0, 0.05):
+    for dropout in (0.05,) if ctx.quick else (0.0,) if short else (0.0, 0.05):
         config = (f"dropout={dropout} llama L={s.layers} d={s.hidden} ff={s.intermediate} V={s.vocab} "
                   f"batch={s.batch}x{s.seq} r={s.r} AdamW")
         print(f"  {KERNEL_LORA} ({config})", flush=True)
