@@ -155,8 +155,8 @@ def test_pretraining_beats_the_random_init_on_held_out_general_rows(tiny_base, w
     nll_init, acc_init = reference_completion_stats(random_init, examples)
     nll, acc = reference_completion_stats(trained, examples)
     assert abs(nll_init - math.log(len(tok))) < 0.5  # a random init is near uniform
-    assert nll < nll_init - 1.2, (nll, nll_init)  # measured: 2.48 vs 4.61
-    assert acc > acc_init + 0.1, (acc, acc_init)  # measured: 0.22 vs 0.04
+    assert nll < nll_init - 1.2, (nll, nll_init)  # measured: 2.44 vs 4.60
+    assert acc > acc_init + 0.1, (acc, acc_init)  # measured: 0.27 vs 0.05
     # the builder's own validation loss (batched, padded, masked) agrees with the float64 loop
     assert demo_base.completion_loss(trained, examples, tok.pad_token_id, batch_size=64) == pytest.approx(nll, abs=1e-4)
 

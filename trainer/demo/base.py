@@ -55,7 +55,7 @@ class BaseRecipe:
     # Loss on prompt tokens, relative to the completion loss (0 = completion only, as in
     # fine-tuning). Prompts are ordinary text: predicting them teaches the word list and the
     # instruction forms, which the copy-type tasks then rely on.
-    prompt_loss_weight: float = 0.0
+    prompt_loss_weight: float = 0.25
 
     @classmethod
     def tiny(cls) -> BaseRecipe:
