@@ -1,0 +1,235 @@
+"""``python -m trainer.demo.compare``: the methods matrix of issue 6 on the demo base and task.
+
+Every row of ``configs/compare.yaml`` is one training run through the trainer's own API
+(:func:`trainer.run.resolve_demo`, :func:`trainer.loop.train`, then
+:func:`trainer.run.forgetting_report`, the same code ``python -m trainer.run`` ends with), on
+the same base, the same task data, the same seed and the same optimizer-step budget (the
+``common`` block; a row may stop earlier with early stopping). The result is one table:
+
+    method | task | accuracy per capability | mean forgetting | format rigidity | refusal rate
+           | gate | steps | train wall s | tokens/s
+
+printed, saved as ``matrix.md`` / ``matrix.json`` in the output directory, and the
+learning-vs-forgetting scatter drawn by :func:`eval.compare.draw_scatter` (``pareto.png``).
+
+Usage::
+
+    python -m trainer.demo.compare [--matrix configs/compare.yaml] [--out runs/compare]
+                                   [--only NAME,NAME] [key=value ...]
+
+``key=value`` pairs are trainer config keys applied to every row (after the file), e.g.
+``demo_base=tiny max_steps=20 capability_limit=20`` for a quick check.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_MATRIX = REPO / "configs" / "compare.yaml"
+CAPABILITIES = ("instruction", "knowledge", "reasoning", "format", "safety")
+
+
+class MatrixError(ValueError):
+    """A problem with the matrix file the user can fix."""
+
+
+@dataclass
+class MatrixRow:
+    """One finished run of the matrix (scores in points, 0-100)."""
+
+    name: str
+    note: str
+    overrides: dict[str, Any]
+    task: float | None = None
+    capabilities: dict[str, float] = field(default_factory=dict)
+    mean_forgetting: float | None = None
+    format_rigidity: float | None = None
+    refusal_rate: float | None = None
+    passed: bool | None = None
+    steps: int = 0
+    stopped_early: bool = False
+    wall_seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    report: str | None = None
+    error: str | None = None
+
+
+def load_matrix(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(common overrides, rows) from the matrix YAML; each row has ``name`` and optional ``note``."""
+    p = Path(path)
+    if not p.is_file():
+        raise MatrixError(f"matrix file {p} does not exist")
+    data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    common, rows = data.get("common") or {}, data.get("runs") or []
+    if not isinstance(common, dict) or not isinstance(rows, list) or not rows:
+        raise MatrixError(f"{p}: expected `common:` (a mapping) and `runs:` (a non-empty list)")
+    names = set()
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("name"), str):
+            raise MatrixError(f"{p}: runs[{i}] needs a `name:`")
+        if row["name"] in names:
+            raise MatrixError(f"{p}: runs[{i}]: duplicate name {row['name']!r}")
+        names.add(row["name"])
+    return common, rows
+
+
+def row_config(common: dict[str, Any], row: dict[str, Any], cli: dict[str, str], out_dir: Path):
+    """The resolved TrainConfig of one row: the file's common block, the row, then the command line."""
+    from trainer.config import build_config
+    from trainer.run import resolve_demo
+
+    values = {**common, **{k: v for k, v in row.items() if k not in ("name", "note")}, **cli}
+    values["output_dir"] = str(out_dir / row["name"])
+    cfg = build_config(values, source=f"matrix row {row['name']}")
+    return resolve_demo(cfg, set(values))
+
+
+def run_row(common: dict[str, Any], row: dict[str, Any], cli: dict[str, str], out_dir: Path) -> MatrixRow:
+    """Train one row and score it against the base (the default run's own report code)."""
+    import eval as ev
+    from trainer.loop import TrainingDiverged, train
+    from trainer.run import forgetting_report
+
+    result = MatrixRow(name=row["name"], note=row.get("note", ""),
+                       overrides={k: v for k, v in row.items() if k not in ("name", "note")})
+    cfg = row_config(common, row, cli, out_dir)
+    print(f"\n=== {row['name']}: {row.get('note', '')}", flush=True)
+    try:
+        trained = train(cfg)
+    except TrainingDiverged as e:
+        result.error = f"diverged: {e}"
+        return result
+    print(trained.summary(), flush=True)
+    forgetting_report(cfg, trained)
+    report = ev.read_report(Path(cfg.output_dir) / "forgetting_report.json")
+    f = report.forgetting
+    result.task = report.task.accuracy if report.task else None
+    result.capabilities = {c: s.accuracy for c, s in report.categories.items()}
+    result.mean_forgetting = f.mean_forgetting if f else None
+    result.format_rigidity = report.format_rigidity.rate if report.format_rigidity else None
+    result.refusal_rate = report.safety.refusal_rate if report.safety else None
+    result.passed = f.passed if f is not None and f.max_drop is not None else None
+    result.steps = max(trained.losses) if trained.losses else trained.steps
+    result.stopped_early = trained.stopped_early
+    result.wall_seconds = trained.wall_seconds
+    result.tokens_per_second = trained.tokens_per_second
+    result.report = str(Path(cfg.output_dir) / "forgetting_report.json")
+    return result
+
+
+def base_row(rows: list[MatrixRow]) -> MatrixRow | None:
+    """The base model's own scores, read from the first scored row's baseline columns."""
+    import eval as ev
+
+    for r in rows:
+        if r.report:
+            report = ev.read_report(r.report)
+            f = report.forgetting
+            return MatrixRow(name="base (before)", note="the demo base, not fine-tuned", overrides={},
+                             task=f.target_before, capabilities={c: ch.before for c, ch in f.categories.items()},
+                             mean_forgetting=0.0, format_rigidity=f.format_rigidity_before,
+                             refusal_rate=f.refusal_rate_before)
+    return None
+
+
+def _pt(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:+.1f}" if signed else f"{value:.1f}"
+
+
+def matrix_table(rows: list[MatrixRow]) -> str:
+    """The issue's table, markdown: one line per run, scores in points."""
+    caps = [c for c in CAPABILITIES if any(c in r.capabilities for r in rows)]
+    caps += sorted({c for r in rows for c in r.capabilities} - set(caps))
+    head = ["method", "task", *caps, "mean forgetting", "format rigidity", "refusal rate", "gate", "steps",
+            "train wall s", "tokens/s"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(caps) + 4) + "---|---:|---:|---:|"]
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.name} | {r.error} |" + " |" * (len(head) - 2))
+            continue
+        gate = "n/a" if r.passed is None else ("pass" if r.passed else "FAIL")
+        steps = f"{r.steps}{' (early stop)' if r.stopped_early else ''}" if r.steps else "-"
+        cells = [r.name, _pt(r.task), *(_pt(r.capabilities.get(c)) for c in caps), _pt(r.mean_forgetting, True),
+                 _pt(r.format_rigidity), _pt(r.refusal_rate), gate, steps,
+                 f"{r.wall_seconds:.0f}" if r.steps else "-", f"{r.tokens_per_second:,.0f}" if r.steps else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def draw_pareto(rows: list[MatrixRow], path: Path) -> int:
+    """eval.compare's learning-vs-forgetting scatter, one point per run, labelled by row name."""
+    import eval as ev
+    from eval.compare import draw_scatter, summarise
+
+    summaries = [replace(summarise(ev.read_report(r.report)), run=r.name) for r in rows if r.report]
+    return draw_scatter(summaries, path)
+
+
+def _split_cli(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise MatrixError(f"cannot read {pair!r}: expected key=value (a trainer config key)")
+        key, value = pair.split("=", 1)
+        out[key.lstrip("-").replace("-", "_")] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.demo.compare",
+                                     description="Run the methods matrix on the demo base and task.")
+    parser.add_argument("--matrix", default=str(DEFAULT_MATRIX), help="matrix YAML (common: + runs:)")
+    parser.add_argument("--out", default="runs/compare", help="output directory (one folder per run)")
+    parser.add_argument("--only", default="", help="comma-separated row names to run (default: all)")
+    parser.add_argument("overrides", nargs="*", help="key=value trainer config keys applied to every row")
+    args = parser.parse_args(argv)
+    from trainer.config import ConfigError
+    from trainer.data import DataError
+    from trainer.run import use_one_thread_for_small_models
+
+    try:
+        common, rows = load_matrix(args.matrix)
+        cli = _split_cli(args.overrides)
+        if args.only:
+            wanted = [s.strip() for s in args.only.split(",") if s.strip()]
+            unknown = sorted(set(wanted) - {r["name"] for r in rows})
+            if unknown:
+                raise MatrixError(f"--only: no rows named {', '.join(unknown)} in {args.matrix}")
+            rows = [r for r in rows if r["name"] in wanted]
+        for row in rows:  # every row's config is checked before the first one trains
+            row_config(common, row, cli, Path(args.out))
+        use_one_thread_for_small_models(Path(row_config(common, rows[0], cli, Path(args.out)).model))
+        out = Path(args.out)
+        start = time.time()
+        results = []
+        for row in rows:
+            results.append(run_row(common, row, cli, out))
+            (out / "matrix.json").write_text(json.dumps([vars(r) for r in results], indent=2))
+    except (ConfigError, DataError, MatrixError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    base = base_row(results)
+    table = matrix_table(([base] if base else []) + results)
+    budget = {k: v for k, v in {**common, **cli}.items() if k not in ("progress",)}
+    text = (f"{table}\nsame for every row unless the row says otherwise: "
+            + ", ".join(f"{k}={v}" for k, v in budget.items())
+            + f"\nmatrix wall time {time.time() - start:.0f} s\n")
+    (out / "matrix.md").write_text(text)
+    drawn = draw_pareto(results, out / "pareto.png")
+    print("\n" + text)
+    print(f"table: {out / 'matrix.md'}, {out / 'matrix.json'}; plot ({drawn} runs): {out / 'pareto.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
