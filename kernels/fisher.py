@@ -68,11 +68,14 @@ def _grad_fisher_kernel(
     x_base = x_ptr + first_n.to(tl.int64) * stride_xn
     dy_base = dy_ptr + first_n.to(tl.int64) * stride_dn
     for k in range(0, SAMPLES_PER_PROGRAM):
-        in_range = first_n + k < N
+        # Past the last sample every position is masked off. Folding the scalar test into a
+        # position limit keeps the mask a block comparison: `block & scalar_bool` is not a bool
+        # mask under triton 3.9's interpreter ("mask has unsupported dtype").
+        t_limit = T * (first_n + k < N).to(tl.int32)
         per_sample = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
         for t0 in range(0, T, BLOCK_T):
             t = t0 + offs_t
-            mask_t = (t < T) & in_range
+            mask_t = t < t_limit
             dy = tl.load(
                 dy_base + t[:, None] * stride_dt + offs_o[None, :] * stride_do,
                 mask=mask_t[:, None] & mask_o[None, :], other=0.0,

@@ -141,7 +141,8 @@ def _lora_fwd_kernel(
     u_mask = (rows[:, None] < M) & (ranks[None, :] < R)
     u_ptrs = u_ptr + rows[:, None] * stride_um + ranks[None, :]
     if U_IN_K_LOOP:
-        tl.store(u_ptrs, u, mask=u_mask & (pid_n == 0))  # one program per row block saves u
+        if pid_n == 0:  # one program per row block saves u (an `if`, not `mask & scalar`:
+            tl.store(u_ptrs, u, mask=u_mask)  # triton 3.9's interpreter rejects that mask)
     else:
         u = tl.load(u_ptrs, mask=u_mask, other=0.0)
     # Epilogue: the rank-R LoRA product, then bias, then the one store of y.
