@@ -1,6 +1,7 @@
 """``python -m bench [lora|fisher|ewc|e2e|all] [--device cpu|cuda] [--quick]``
 
-Runs the chosen benchmarks, appends their rows to ``bench/results/<device>-<date>.csv``,
+Runs the chosen benchmarks, appends their rows to ``bench/results/<device>-<date>.csv``
+(``<device>-<date>-quick.csv`` with ``--quick``),
 prints the ours / peer ratio table and the issue targets, and draws one PNG per kernel.
 See bench/README.md for what each provider is and how memory is measured.
 """
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     harness.print_targets(ctx.rows, targets)
     print(f"\nbench: {len(ctx.rows)} rows appended to {csv_path}", flush=True)
     if not args.no_plots:
-        prefix = csv_path.stem + ("-quick" if args.quick else "")
+        prefix = csv_path.stem  # already ends in -quick for quick runs
         for png in harness.plot_kernels(ctx.rows, args.results_dir, prefix):
             print(f"bench: plot {png}")
     print(f"bench: total {time.perf_counter() - started:.1f} s")

@@ -264,7 +264,10 @@ def measure(ctx: BenchContext, kernel: str, mode: str, x_name: str, x_value: Any
 # ----------------------------------------------------------------------------- output
 def results_path(ctx: BenchContext, results_dir: Path | None = None) -> Path:
     date = ctx.timestamp.split("T", 1)[0]
-    return (results_dir or RESULTS_DIR) / f"{ctx.device.type}-{date}.csv"
+    # Quick runs (tiny shapes, harness checks) get their own file, so they never mix into the
+    # full run's CSV that docs/benchmarks.md quotes.
+    suffix = "-quick" if ctx.quick else ""
+    return (results_dir or RESULTS_DIR) / f"{ctx.device.type}-{date}{suffix}.csv"
 
 
 def write_csv(rows: Iterable[Row], path: Path) -> Path:
