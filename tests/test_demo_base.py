@@ -15,14 +15,7 @@ from trainer.demo.base import BaseRecipe, collate, encode_rows, ensure_base_mode
 from trainer.demo.tokenizer import ALPHABET, SPECIAL_TOKENS, build_tokenizer, save_tokenizer
 from trainer.demo.world import build_world
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run best on one thread (and do not fight other processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

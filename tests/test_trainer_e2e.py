@@ -67,21 +67,7 @@ def mean_loss(model, tokenizer, path: Path) -> float:
     return float(-(picked[keep]).sum() / keep.sum())
 
 
-def _needs(module: str):
-    try:
-        __import__(module)
-    except ImportError as e:
-        return pytest.mark.skip(reason=f"{module} has not landed yet ({e})")
-    return lambda f: f
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls run ~30x faster on one thread than on two contended ones (measured here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +100,6 @@ def test_full_finetune_trains_and_saves_an_hf_model(ws, tmp_path):
     assert mean_loss(model, tok, ws["task"]) < 0.8 * mean_loss(base, tok, ws["task"])
 
 
-@_needs("kernels.peft_format")
 def test_lora_trains_and_the_adapter_loads_in_peft_with_the_same_logits(ws, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -138,8 +123,6 @@ def test_lora_trains_and_the_adapter_loads_in_peft_with_the_same_logits(ws, tmp_
     assert (expected - base).abs().max() > 1e-3  # the adapter is not a no-op
 
 
-@_needs("trainer.fisher")
-@_needs("kernels.ewc")
 def test_ewc_estimates_saves_and_reuses_the_fisher(ws, tmp_path):
     from safetensors.torch import load_file
 
@@ -169,8 +152,6 @@ def test_ewc_estimates_saves_and_reuses_the_fisher(ws, tmp_path):
     torch.testing.assert_close(merged[f"fisher.{name}"], 1.5 * tensors[f"fisher.{name}"], rtol=1e-5, atol=1e-12)
 
 
-@_needs("trainer.fisher")
-@_needs("kernels.ewc")
 def test_lora_ewc_trains_with_the_base_fisher(ws, tmp_path):
     cfg = run_config(ws, tmp_path / "lora_ewc", method="lora_ewc", fisher_data=str(ws["general"]),
                      ewc_lambda=1.0)

@@ -6,19 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from test_trainer_e2e import make_workspace, mean_loss, run_config, write_jsonl
 
 from trainer import checkpoint as ckpt
 from trainer.loop import train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
