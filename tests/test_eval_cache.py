@@ -70,8 +70,7 @@ def test_score_against_base_scores_the_base_once(suite, monkeypatch):
 
 
 def test_cli_adapter_matches_peft_merged_model(tmp_path, suite):
-    pytest.importorskip("kernels.peft_format")
-    peft = pytest.importorskip("peft")
+    import peft
     from transformers import AutoModelForCausalLM
 
     model_dir, adapter_dir = tmp_path / "model", tmp_path / "adapter"
