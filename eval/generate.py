@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from kernels import backend
+
 
 def model_device(model: torch.nn.Module) -> torch.device:
     for p in model.parameters():
@@ -24,7 +26,7 @@ def model_device(model: torch.nn.Module) -> torch.device:
 # Below this many parameters a CPU forward is a chain of microsecond ops, and waking a pool
 # of intra-op threads for each costs more than the op (measured: a 2-layer 48-wide Llama, a
 # [64, 1] decoding step, 2 busy cores: 52 ms with 2 threads, 5.7 ms with 1).
-SMALL_MODEL_PARAMS = 20_000_000
+SMALL_MODEL_PARAMS = backend.SMALL_MODEL_PARAMS
 
 
 @contextlib.contextmanager

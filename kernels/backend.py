@@ -25,6 +25,11 @@ from collections.abc import Iterator
 import torch
 
 ENV_VAR = "FORGETLESS_BACKEND"
+# Below this many parameters a model runs on ONE CPU thread (eval's scoring, the trainer):
+# its matmuls take microseconds, and splitting them across threads costs more than it saves
+# (measured on 2 busy cores: a decoding step 52 ms on 2 threads vs 5.7 ms on 1; a LoRA step of
+# the tiny demo base 0.3 s vs 0.03 s). One number, so eval and the trainer agree.
+SMALL_MODEL_PARAMS = 20_000_000
 _CHOICES = ("auto", "triton", "torch")
 _forced: str | None = None
 

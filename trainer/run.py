@@ -100,10 +100,12 @@ def use_one_thread_for_small_models(model_dir: Path, device: str = "auto") -> No
     """
     import torch
 
+    from kernels.backend import SMALL_MODEL_PARAMS
+
     if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
         return
     weight_bytes = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
-    if 0 < weight_bytes < 80e6:  # fp32: 20M parameters
+    if 0 < weight_bytes < 4 * SMALL_MODEL_PARAMS:  # fp32 bytes, read before the model loads
         torch.set_num_threads(1)
 
 
