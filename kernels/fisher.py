@@ -18,6 +18,11 @@ with fp32 accumulation, never holding the N per-sample gradients at once:
   sample, one matmul into a cache-resident tile, then ``fisher += P * P`` (``addcmul_``);
   memory beyond the accumulators is one tile.  For ``T = 1`` it is ``mm(dy^2, x^2)``.
 
+``lengths`` (optional, one integer per sample) makes sample n its first ``lengths[n]``
+positions: the rest are skipped, not multiplied.  In a right-padded batch of a causal LM,
+``dy`` is exactly zero after each row's last loss position, so passing those lengths gives
+the same result for less work (a quarter less when a quarter of the batch is padding).
+
 The caller normalises (divides by N) if it wants a mean.
 """
 from __future__ import annotations
@@ -28,9 +33,12 @@ import triton.language as tl
 
 from kernels import backend
 
-# Size of the fp32 per-sample gradient tile of the torch path: about an L2 cache, so the
-# tile and the Fisher rows it is added to stay in cache.
-TORCH_TILE_BYTES = 1 << 20
+# Size of the fp32 per-sample gradient tile of the torch path.  The tile and the Fisher rows
+# it is added to stay in the last-level cache while the samples go by; larger tiles mean
+# fewer, larger matmuls.  Measured on the 2-core EPYC (32 MiB L3, fisher-only in-place
+# form, T = 48..256, 512/1376/4096-wide layers): 4 MiB costs 1.03-1.39x the plain weight
+# gradient, 1 MiB 1.11-1.69x, 256 KiB about 2x (docs/benchmarks.md).
+TORCH_TILE_BYTES = 4 << 20
 
 
 # --------------------------------------------------------------------------- Triton
@@ -38,13 +46,13 @@ TORCH_TILE_BYTES = 1 << 20
 
 @triton.jit
 def _grad_fisher_kernel(
-    x_ptr, dy_ptr, grad_ptr, fisher_ptr,
+    x_ptr, dy_ptr, grad_ptr, fisher_ptr, len_ptr,
     N, T, IN, OUT, SAMPLES_PER_PROGRAM,
     stride_xn, stride_xt, stride_xi,
     stride_dn, stride_dt, stride_do,
     stride_go, stride_gi,
     stride_fo, stride_fi,
-    HAS_GRAD: tl.constexpr, ACCUMULATE: tl.constexpr, SPLIT_N: tl.constexpr,
+    HAS_GRAD: tl.constexpr, ACCUMULATE: tl.constexpr, SPLIT_N: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -71,9 +79,14 @@ def _grad_fisher_kernel(
         # Past the last sample every position is masked off. Folding the scalar test into a
         # position limit keeps the mask a block comparison: `block & scalar_bool` is not a bool
         # mask under triton 3.9's interpreter ("mask has unsupported dtype").
-        t_limit = T * (first_n + k < N).to(tl.int32)
+        in_range = (first_n + k < N).to(tl.int32)
+        if HAS_LENGTHS:  # sample n is its first lengths[n] positions (clamped to [0, T])
+            length = tl.load(len_ptr + tl.minimum(first_n + k, N - 1)).to(tl.int32)
+            t_limit = tl.minimum(tl.maximum(length, 0), T) * in_range
+        else:
+            t_limit = T * in_range
         per_sample = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
-        for t0 in range(0, T, BLOCK_T):
+        for t0 in range(0, t_limit, BLOCK_T):  # skipped positions cost no iterations
             t = t0 + offs_t
             mask_t = t < t_limit
             dy = tl.load(
@@ -139,7 +152,7 @@ def _default_blocks(out_features: int, in_features: int, interpreting: bool) -> 
 
 def _grad_fisher_triton(
     x3: torch.Tensor, dy3: torch.Tensor, grad_acc: torch.Tensor | None, fisher_acc: torch.Tensor,
-    accumulate: bool, interpreting: bool,
+    lengths: torch.Tensor | None, accumulate: bool, interpreting: bool,
     block_o: int | None = None, block_i: int | None = None, block_t: int | None = None,
     sample_groups: int | None = None, num_warps: int = 4, num_stages: int = 2,
 ) -> None:
@@ -164,14 +177,16 @@ def _grad_fisher_triton(
         if has_grad:
             grad_acc.zero_()
     g = grad_acc if has_grad else fisher_acc  # placeholder pointer, never touched
+    has_lengths = lengths is not None
+    lens = lengths.to(device=x3.device, dtype=torch.int32).contiguous() if has_lengths else fisher_acc
     _grad_fisher_kernel[grid](
-        x3, dy3, g, fisher_acc,
+        x3, dy3, g, fisher_acc, lens,
         n, t, in_features, out_features, samples_per_program,
         x3.stride(0), x3.stride(1), x3.stride(2),
         dy3.stride(0), dy3.stride(1), dy3.stride(2),
         g.stride(0), g.stride(1),
         fisher_acc.stride(0), fisher_acc.stride(1),
-        HAS_GRAD=has_grad, ACCUMULATE=accumulate, SPLIT_N=split,
+        HAS_GRAD=has_grad, ACCUMULATE=accumulate, SPLIT_N=split, HAS_LENGTHS=has_lengths,
         BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t,
         DOT_DTYPE=dot_dtype, INPUT_PRECISION=_input_precision(dot_dtype),
         num_warps=num_warps, num_stages=num_stages,
@@ -183,15 +198,20 @@ def _grad_fisher_triton(
 
 def _grad_fisher_torch(
     x3: torch.Tensor, dy3: torch.Tensor, grad_acc: torch.Tensor | None, fisher_acc: torch.Tensor,
+    lengths: torch.Tensor | None = None,
 ) -> None:
     """Adds into the accumulators (which the caller zeroed for the out-of-place form)."""
     n, t, in_features = x3.shape
     out_features = dy3.shape[2]
     x3, dy3 = x3.float(), dy3.float()
+    rows_per_sample = [t] * n if lengths is None else [min(max(int(v), 0), t) for v in lengths.tolist()]
     if t == 1:
         # One position per sample: G_n is the outer product dy_n x_n^T, so
         # sum_n G_n^2 = (dy^2)^T (x^2) exactly, with no per-sample block at all.
         x2, dy2 = x3[:, 0, :], dy3[:, 0, :]
+        if lengths is not None:
+            kept = torch.tensor(rows_per_sample, device=x3.device) > 0
+            x2, dy2 = x2[kept], dy2[kept]
         fisher_acc.addmm_(dy2.square().t(), x2.square())
         if grad_acc is not None:
             grad_acc.addmm_(dy2.t(), x2)
@@ -207,8 +227,10 @@ def _grad_fisher_torch(
         block = tile[: o1 - o0]
         fisher_rows = fisher_acc[o0:o1]
         grad_rows = grad_acc[o0:o1] if grad_acc is not None else None
-        for i in range(n):
-            torch.mm(dy3[i, :, o0:o1].t(), x3[i], out=block)
+        for i, rows_i in enumerate(rows_per_sample):
+            if rows_i == 0:
+                continue
+            torch.mm(dy3[i, :rows_i, o0:o1].t(), x3[i, :rows_i], out=block)
             fisher_rows.addcmul_(block, block)
             if grad_rows is not None:
                 grad_rows.add_(block)
@@ -240,14 +262,24 @@ def _check_acc(name: str, acc: torch.Tensor | None, shape: tuple[int, int], devi
         )
 
 
+def _check_lengths(lengths: torch.Tensor | None, n: int) -> None:
+    if lengths is None:
+        return
+    if lengths.dim() != 1 or lengths.shape[0] != n or lengths.is_floating_point() or lengths.is_complex():
+        raise ValueError(f"lengths must be an integer tensor of shape ({n},), one per sample; got "
+                         f"{lengths.dtype} {tuple(lengths.shape)}")
+
+
 def linear_grad_and_fisher_(
     x: torch.Tensor, dy: torch.Tensor, grad_acc: torch.Tensor | None, fisher_acc: torch.Tensor,
     *, block_o: int | None = None, block_i: int | None = None, block_t: int | None = None,
-    sample_groups: int | None = None,
+    sample_groups: int | None = None, lengths: torch.Tensor | None = None,
 ) -> None:
     """In place: ``grad_acc += sum_n dy_n^T x_n`` (skipped when ``grad_acc`` is None) and
     ``fisher_acc += sum_n (dy_n^T x_n)^2``; accumulators are fp32 ``[out, in]`` (any strides).
 
+    ``lengths``: optional integer tensor ``(N,)``; sample n is then its first ``lengths[n]``
+    positions (values are clamped to ``[0, T]``; see the module docstring).
     ``block_*`` set the Triton tile sizes (powers of two; ignored on the torch path);
     ``sample_groups`` splits the samples between that many programs per tile, whose sums are
     added atomically (default: 1 off CUDA, enough to fill the GPU on CUDA)."""
@@ -255,11 +287,12 @@ def linear_grad_and_fisher_(
     shape = (dy3.shape[2], x3.shape[2])
     _check_acc("fisher_acc", fisher_acc, shape, x.device)
     _check_acc("grad_acc", grad_acc, shape, x.device)
+    _check_lengths(lengths, x3.shape[0])
     choice = backend.select(x, dy)
     if choice == "torch" or x3.shape[0] == 0:
-        _grad_fisher_torch(x3, dy3, grad_acc, fisher_acc)
+        _grad_fisher_torch(x3, dy3, grad_acc, fisher_acc, lengths)
     else:
-        _grad_fisher_triton(x3, dy3, grad_acc, fisher_acc, accumulate=True,
+        _grad_fisher_triton(x3, dy3, grad_acc, fisher_acc, lengths, accumulate=True,
                             interpreting=choice == "interpret",
                             block_o=block_o, block_i=block_i, block_t=block_t, sample_groups=sample_groups)
 
@@ -267,22 +300,23 @@ def linear_grad_and_fisher_(
 def linear_grad_and_fisher(
     x: torch.Tensor, dy: torch.Tensor,
     *, block_o: int | None = None, block_i: int | None = None, block_t: int | None = None,
-    sample_groups: int | None = None,
+    sample_groups: int | None = None, lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad_weight, fisher)``, both fp32 ``[out, in]``, for x ``(N, [T,] in)`` and dy
     ``(N, [T,] out)``: ``grad_weight = sum_n dy_n^T x_n``, ``fisher = sum_n (dy_n^T x_n)^2``.
     Keyword arguments as for :func:`linear_grad_and_fisher_`."""
     x3, dy3 = _as_3d(x, dy)
     shape = (dy3.shape[2], x3.shape[2])
+    _check_lengths(lengths, x3.shape[0])
     choice = backend.select(x, dy)
     if choice == "torch" or x3.shape[0] == 0:
         grad = torch.zeros(shape, dtype=torch.float32, device=x.device)
         fisher = torch.zeros(shape, dtype=torch.float32, device=x.device)
-        _grad_fisher_torch(x3, dy3, grad, fisher)
+        _grad_fisher_torch(x3, dy3, grad, fisher, lengths)
         return grad, fisher
     grad = torch.empty(shape, dtype=torch.float32, device=x.device)
     fisher = torch.empty(shape, dtype=torch.float32, device=x.device)
-    _grad_fisher_triton(x3, dy3, grad, fisher, accumulate=False, interpreting=choice == "interpret",
+    _grad_fisher_triton(x3, dy3, grad, fisher, lengths, accumulate=False, interpreting=choice == "interpret",
                         block_o=block_o, block_i=block_i, block_t=block_t, sample_groups=sample_groups)
     return grad, fisher
 
@@ -297,7 +331,8 @@ def _compile_specs() -> list:
 
     specs = []
     block_o, block_i, block_t = _default_blocks(0, 0, interpreting=False)
-    # fp16 compiles like bf16; the fisher-only variants also take the split-samples (atomic) path.
+    # fp16 compiles like bf16; the fisher-only variants (estimate_fisher's) also take the
+    # split-samples (atomic) path and per-sample lengths.
     for name, dtype, dot_dtype, precision, grad_variants in (
         ("bf16", "*bf16", tl.bfloat16, "ieee", (True, False)),
         ("fp32", "*fp32", tl.float32, "ieee", (True,)),
@@ -306,13 +341,14 @@ def _compile_specs() -> list:
         for has_grad in grad_variants:
             constexprs = dict(
                 stride_xi=1, stride_do=1, stride_gi=1, stride_fi=1,
-                HAS_GRAD=has_grad, ACCUMULATE=True, SPLIT_N=not has_grad,
+                HAS_GRAD=has_grad, ACCUMULATE=True, SPLIT_N=not has_grad, HAS_LENGTHS=not has_grad,
                 BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t,
                 DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
             )
-            pointers = {"x_ptr": dtype, "dy_ptr": dtype, "grad_ptr": "*fp32", "fisher_ptr": "*fp32"}
+            pointers = {"x_ptr": dtype, "dy_ptr": dtype, "grad_ptr": "*fp32", "fisher_ptr": "*fp32",
+                        "len_ptr": "*i32"}
             specs.append(CompileSpec(
-                name=f"grad_fisher/{name}" + ("" if has_grad else "/fisher_only/split_n"),
+                name=f"grad_fisher/{name}" + ("" if has_grad else "/fisher_only/split_n/lengths"),
                 fn=_grad_fisher_kernel,
                 signature=infer_signature(_grad_fisher_kernel, pointers, constexprs),
                 constexprs=constexprs, num_warps=4, num_stages=2,

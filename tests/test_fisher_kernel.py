@@ -157,3 +157,63 @@ def test_triton_interpreter_samples_split_between_programs(groups):
     _assert_close(fisher, fisher_ref)
     _assert_close(grad_acc, grad_ref + 1.0)
     _assert_close(fisher_acc, fisher_ref + 3.0)
+
+
+def _reference_with_lengths(x, dy, lengths):
+    """float64 reference where sample n is only its first lengths[n] positions."""
+    keep = (torch.arange(x.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(2)
+    return _reference(x * keep, dy * keep)
+
+
+# Non-zero dy beyond each length: the skipped positions must really be left out, not merely
+# contribute zeros. Lengths cover a full row, an empty row, a length past T (clamped) and 1.
+LENGTHS = torch.tensor([7, 0, 3, 9, 1])
+
+
+def test_torch_path_lengths_leave_out_later_positions(monkeypatch):
+    import kernels.fisher as fisher_mod
+
+    monkeypatch.setattr(fisher_mod, "TORCH_TILE_BYTES", 1)  # several row tiles as well
+    x, dy = _inputs(5, 7, 6, 130, seed=6)
+    grad_ref, fisher_ref = _reference_with_lengths(x, dy, LENGTHS.clamp(max=7))
+    with backend.forced("torch"):
+        grad, fisher = linear_grad_and_fisher(x, dy, lengths=LENGTHS)
+        fisher_only = torch.ones(130, 6)
+        linear_grad_and_fisher_(x, dy, None, fisher_only, lengths=LENGTHS)
+    _assert_close(grad, grad_ref)
+    _assert_close(fisher, fisher_ref)
+    _assert_close(fisher_only, fisher_ref + 1.0)
+
+
+def test_torch_path_lengths_with_one_position_per_sample():
+    x, dy = _inputs(4, 1, 5, 3, seed=7)
+    lengths = torch.tensor([1, 0, 1, 0])
+    grad_ref, fisher_ref = _reference_with_lengths(x, dy, lengths)
+    with backend.forced("torch"):
+        grad, fisher = linear_grad_and_fisher(x, dy, lengths=lengths)
+    _assert_close(grad, grad_ref)
+    _assert_close(fisher, fisher_ref)
+
+
+def test_lengths_must_be_one_integer_per_sample():
+    x, dy = _inputs(3, 4, 5, 6)
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        linear_grad_and_fisher(x, dy, lengths=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="integer"):
+        linear_grad_and_fisher_(x, dy, None, torch.zeros(6, 5), lengths=torch.tensor([1.0, 2.0, 3.0]))
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("groups", [1, 2])
+def test_triton_interpreter_lengths(groups):
+    x, dy = _inputs(5, 7, 9, 6, seed=8)
+    grad_ref, fisher_ref = _reference_with_lengths(x, dy, LENGTHS.clamp(max=7))
+    with backend.forced("triton"):
+        grad, fisher = linear_grad_and_fisher(x, dy, block_o=4, block_i=8, block_t=2, sample_groups=groups,
+                                              lengths=LENGTHS)
+        fisher_acc = torch.full((6, 9), 2.0)
+        linear_grad_and_fisher_(x, dy, None, fisher_acc, block_o=8, block_i=4, block_t=4, sample_groups=groups,
+                                lengths=LENGTHS.to(torch.int64))
+    _assert_close(grad, grad_ref)
+    _assert_close(fisher, fisher_ref)
+    _assert_close(fisher_acc, fisher_ref + 2.0)
