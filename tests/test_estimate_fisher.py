@@ -152,3 +152,76 @@ def test_empirical_fisher_through_the_triton_interpreter():
     with backend.forced("triton"):
         fisher = estimate_fisher(model, batches)
     _assert_matches(fisher, _oracle(model, batches))
+
+
+def _spy_lengths(monkeypatch):
+    """Record the ``lengths`` every Fisher kernel call of trainer.fisher receives."""
+    import trainer.fisher as fisher_mod
+
+    seen = []
+    real = fisher_mod.linear_grad_and_fisher_
+
+    def spy(x, dy, grad_acc, fisher_acc, **kwargs):
+        seen.append(kwargs.get("lengths"))
+        return real(x, dy, grad_acc, fisher_acc, **kwargs)
+
+    monkeypatch.setattr(fisher_mod, "linear_grad_and_fisher_", spy)
+    return seen
+
+
+def test_padded_rows_are_skipped_after_their_last_label(monkeypatch):
+    # The exactness is the oracle test's; this one checks the skipping really happens, with
+    # the lengths the labels give (row 0 of batch 0: 7 tokens, logits 0..5 scored -> 6).
+    seen = _spy_lengths(monkeypatch)
+    model = tiny_llama(seed=6)
+    batches = _batches(seed=6)
+    fisher = estimate_fisher(model, batches)
+    assert seen and all(lengths is not None for lengths in seen)
+    assert seen[0].tolist() == [6, 4, 2]
+    assert seen[-1].tolist() == [5, 5, 3, 0]  # the row without labels: nothing to multiply
+    _assert_matches(fisher, _oracle(model, batches))
+
+
+class _AntiCausal(torch.nn.Module):
+    """A toy LM whose position t sees every later position (a reversed cumulative sum): the
+    gradient reaches positions after the last label, so nothing may be skipped there."""
+
+    def __init__(self, vocab=TINY_VOCAB_SIZE, hidden=8):
+        super().__init__()
+        g = torch.Generator().manual_seed(9)
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.mix = torch.nn.Linear(hidden, hidden)
+        self.head = torch.nn.Linear(hidden, vocab, bias=False)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        h = torch.tanh(self.mix(self.embed(input_ids)))
+        h = h.flip(1).cumsum(1).flip(1)  # h_t = sum of h_s for s >= t
+        return type("Out", (), {"logits": self.head(h)})()
+
+
+def test_a_model_that_is_not_causal_gets_every_position(monkeypatch):
+    seen = _spy_lengths(monkeypatch)
+    model = _AntiCausal().eval()
+    batches = _batches(seed=7)
+    fisher = estimate_fisher(model, batches)
+    # The head's gradient is zero after the last label (it is applied position-wise); the
+    # mixing layer's is not, so it must have been processed without lengths.
+    assert any(lengths is None for lengths in seen) and any(lengths is not None for lengths in seen)
+    # Oracle: each padded row on its own (the padding is part of the non-causal input).
+    params = dict(model.named_parameters())
+    reference = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in params.items()}
+    samples = 0
+    for batch in batches:
+        labels = masked_labels(batch)
+        for i in range(labels.shape[0]):
+            if (labels[i, 1:] != -100).sum() == 0:
+                continue
+            logits = model(batch["input_ids"][i:i + 1]).logits[0, :-1]
+            ll = -torch.nn.functional.cross_entropy(logits, labels[i, 1:], ignore_index=-100, reduction="sum")
+            for n, g in zip(params, torch.autograd.grad(ll, list(params.values())), strict=True):
+                reference[n] += g.double() ** 2
+            samples += 1
+    _assert_matches(fisher, {n: r / samples for n, r in reference.items()})

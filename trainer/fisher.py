@@ -28,6 +28,11 @@ How (no per-sample backward passes, no N copies of the parameters):
   scattering each sample's rows, other small leaf modules (norms) by ``torch.func.vmap``.
   Since samples are independent in eval mode, ``dy`` of the summed loss restricted to row n
   is exactly ``∂ℓₙ/∂y_n``.
+* positions after a row's last label token cannot influence its loss in a causal LM, so
+  their ``dy`` is exactly zero in every layer: the linear layers' per-sample products stop
+  at each row's last label position (``lengths`` of the kernel).  The skipped rows of ``dy``
+  are checked to be zero, and a layer whose are not (a model that is not causal) is
+  processed in full, so the result is exact either way;
 * a tied ``lm_head`` / input embedding gets the Fisher of the *summed* per-sample gradient
   ``(G_head,n + G_emb,n)²``: the head's part comes from the kernel, the cross term and the
   embedding's part are added on the rows each sample touches.
@@ -140,10 +145,35 @@ class _FisherPass:
     # ------------------------------------------------------------------ per batch state
     def reset_batch(self, n: int) -> None:
         self.n = n
+        self.lengths: torch.Tensor | None = None  # per row: positions that can carry gradient
         self.capturing = True
         self.pending: dict[int, list] = {}    # module id -> [(x, dy or None), ...] per call
         self.leaves: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []  # (emb, ids, leaf)
         self.head_rows: dict[int, tuple] = {}  # tied weight id -> (keys, head per-sample rows)
+
+    def set_lengths(self, targets: torch.Tensor) -> None:
+        """Rows' gradient-carrying prefix from the shifted labels: ``logits[:, t]`` is scored
+        against ``targets[:, t]``, so position t matters only up to the last scored one."""
+        positions = torch.arange(targets.shape[1], device=targets.device)
+        lengths = torch.where(targets != -100, positions + 1, 0).amax(dim=1)
+        seq = targets.shape[1] + 1
+        if int(lengths.min()) >= seq:
+            return  # nothing to skip
+        self.lengths = lengths
+        self.seq = seq
+        self.shortest = int(lengths.min())
+        # (N, T - shortest): True where a position is past its row's length
+        self.skipped = torch.arange(self.shortest, seq, device=targets.device).unsqueeze(0) >= lengths.unsqueeze(1)
+
+    def _lengths_for(self, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor | None:
+        """The row lengths when this layer's rows are sequence positions and every skipped
+        row of ``dy`` is zero (so skipping is exact), else None (process every row)."""
+        if self.lengths is None or dy.dim() != 3 or dy.shape[:2] != (self.n, self.seq):
+            return None
+        tail = dy[:, self.shortest:]
+        if bool(tail.ne(0).any(dim=2).logical_and_(self.skipped).any()):
+            return None
+        return self.lengths
 
     def install(self) -> None:
         for module, kind in self.jobs:
@@ -207,36 +237,40 @@ class _FisherPass:
             if kind in ("linear", "conv1d"):
                 w, b = module.weight, module.bias
                 if id(w) in acc:
+                    lengths = self._lengths_for(x, dy) if len(calls) == 1 else None
                     if kind == "conv1d":  # y = x W + b, W stored [in, out]
-                        linear_grad_and_fisher_(dy, x, None, acc[id(w)])
+                        linear_grad_and_fisher_(dy, x, None, acc[id(w)], lengths=lengths)
                     else:
-                        linear_grad_and_fisher_(x, dy, None, acc[id(w)])
+                        linear_grad_and_fisher_(x, dy, None, acc[id(w)], lengths=lengths)
                     if id(w) in self.tied_head:
                         self._remember_head_rows(w, x, dy)
                 if b is not None and id(b) in acc:
                     acc[id(b)].add_(dy.float().sum(1).square().sum(0))
             elif kind == "lora":
-                self._process_lora(module, x, dy)
+                self._process_lora(module, x, dy, self._lengths_for(x, dy) if len(calls) == 1 else None)
             elif kind == "generic":
                 self._process_generic(module, x, dy)
         finally:
             self.capturing = True
 
-    def _process_lora(self, module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
+    def _process_lora(self, module: nn.Module, x: torch.Tensor, dy: torch.Tensor,
+                      lengths: torch.Tensor | None) -> None:
         acc = self.acc
         w, b, A, B, s = module.weight, module.bias, module.lora_A, module.lora_B, float(module.scale)
         if id(w) in acc:
             if getattr(module, "fan_in_fan_out", False):
-                linear_grad_and_fisher_(dy, x, None, acc[id(w)])
+                linear_grad_and_fisher_(dy, x, None, acc[id(w)], lengths=lengths)
             else:
-                linear_grad_and_fisher_(x, dy, None, acc[id(w)])
+                linear_grad_and_fisher_(x, dy, None, acc[id(w)], lengths=lengths)
         if b is not None and id(b) in acc:
             acc[id(b)].add_(dy.float().sum(1).square().sum(0))
         # y = ... + s (x A^T) B^T:  dA_n = s (dy_n B)^T x_n,  dB_n = s dy_n^T (x_n A^T)
         if id(A) in acc:
-            linear_grad_and_fisher_(x, torch.matmul(dy, B.detach().to(dy.dtype)) * s, None, acc[id(A)])
+            linear_grad_and_fisher_(x, torch.matmul(dy, B.detach().to(dy.dtype)) * s, None, acc[id(A)],
+                                    lengths=lengths)
         if id(B) in acc:
-            linear_grad_and_fisher_(torch.matmul(x, A.detach().t().to(x.dtype)) * s, dy, None, acc[id(B)])
+            linear_grad_and_fisher_(torch.matmul(x, A.detach().t().to(x.dtype)) * s, dy, None, acc[id(B)],
+                                    lengths=lengths)
 
     def _process_generic(self, module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
         names = [k for k, p in module.named_parameters(recurse=False) if id(p) in self.acc]
@@ -339,6 +373,7 @@ def estimate_fisher(
                 if rows_with_labels == 0:
                     continue
                 samples += rows_with_labels
+                fisher_pass.set_lengths(targets)
                 log_likelihood = -torch.nn.functional.cross_entropy(
                     logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                     ignore_index=-100, reduction="sum",
