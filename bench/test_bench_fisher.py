@@ -1,9 +1,10 @@
 """pytest-benchmark version of the Fisher layer benchmark (``pytest bench/ --benchmark-only``).
 
 The weight-gradient op given x and dy: ours (``linear_grad_and_fisher``), the plain weight
-gradient, the per-sample loop, the materialised per-sample gradients, Avalanche's squared
-minibatch gradient; and BackPACK's ``SumGradSquared`` (layer forward + backward, as BackPACK
-cannot run without them) next to ours doing the same forward + backward.
+gradient, BackPACK's ``SumGradSquared`` rule on the same x and dy (with and without the weight
+gradient beside it), the per-sample loop, the materialised per-sample gradients, Avalanche's
+squared minibatch gradient; and BackPACK's whole extended layer (forward + backward) next to
+ours doing the same forward + backward.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def _run(benchmark, provider):
     benchmark(call)
 
 
-@pytest.mark.parametrize("name", ["ours", "weight_grad", "per_sample_loop", "materialised", "sq_minibatch_grad"])
+@pytest.mark.parametrize("name", ["ours", "weight_grad", "backpack_sgs", "backpack_sgs_only", "per_sample_loop",
+                                  "materialised", "sq_minibatch_grad"])
 def test_fisher_weight_grad_op(benchmark, tensors, name):
     x, dy, _ = tensors
     benchmark.group = f"fisher_linear backward N{N} T{T} {IN}->{OUT}"
