@@ -225,3 +225,24 @@ def test_a_model_that_is_not_causal_gets_every_position(monkeypatch):
                 reference[n] += g.double() ** 2
             samples += 1
     _assert_matches(fisher, {n: r / samples for n, r in reference.items()})
+
+
+def test_columns_that_are_padding_in_every_row_are_cut_before_the_forward(monkeypatch):
+    model = tiny_llama(seed=8)
+    batches = _batches(seed=8)
+    widened = []
+    for batch in batches:  # three more all-padding columns, as a fixed-length collator makes
+        n = batch["input_ids"].shape[0]
+        widened.append({
+            "input_ids": torch.cat([batch["input_ids"], torch.full((n, 3), PAD_ID)], dim=1),
+            "attention_mask": torch.cat([batch["attention_mask"], torch.zeros(n, 3, dtype=torch.long)], dim=1),
+            "labels": torch.cat([batch["labels"], torch.full((n, 3), 5)], dim=1),  # masked out anyway
+        })
+    widths = []
+    real_forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda input_ids, **kw: (widths.append(input_ids.shape[1]),
+                                                                  real_forward(input_ids=input_ids, **kw))[1])
+    fisher = estimate_fisher(model, widened)
+    assert widths == [7, 6]  # the longest row of each batch
+    monkeypatch.undo()
+    _assert_matches(fisher, _oracle(model, batches))

@@ -28,6 +28,9 @@ How (no per-sample backward passes, no N copies of the parameters):
   scattering each sample's rows, other small leaf modules (norms) by ``torch.func.vmap``.
   Since samples are independent in eval mode, ``dy`` of the summed loss restricted to row n
   is exactly ``∂ℓₙ/∂y_n``.
+* trailing columns that are padding in every row are cut before the forward
+  (:func:`drop_padding_columns`): batches padded to a fixed length cost what their longest
+  row costs;
 * positions after a row's last label token cannot influence its loss in a causal LM, so
   their ``dy`` is exactly zero in every layer: the linear layers' per-sample products stop
   at each row's last label position (``lengths`` of the kernel).  The skipped rows of ``dy``
@@ -93,6 +96,19 @@ def masked_labels(batch: dict) -> torch.Tensor:
     if mask is not None:
         labels = labels.masked_fill(mask == 0, -100)
     return labels
+
+
+def drop_padding_columns(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor):
+    """Cut the trailing columns that are padding in every row (a batch padded to a fixed
+    length): they hold no tokens of any sample, so with a model that honours the attention
+    mask the result is the same, for less work."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return input_ids, attention_mask, labels
+    used = attention_mask.ne(0).any(dim=0).nonzero()
+    end = int(used.max()) + 1 if used.numel() else 0
+    if end == input_ids.shape[1]:
+        return input_ids, attention_mask, labels
+    return input_ids[:, :end], attention_mask[:, :end], labels[:, :end]
 
 
 class _FisherPass:
@@ -358,12 +374,12 @@ def estimate_fisher(
     fisher_pass.install()
     try:
         for batch in batches:
-            input_ids = batch["input_ids"]
+            input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
             labels = masked_labels(batch).to(input_ids.device)
+            input_ids, attention_mask, labels = drop_padding_columns(input_ids, attention_mask, labels)
             fisher_pass.reset_batch(input_ids.shape[0])
             with torch.enable_grad():
-                logits = model(input_ids=input_ids, attention_mask=batch.get("attention_mask"),
-                               use_cache=False).logits
+                logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
                 if kind == "mc":
                     if generator is None:
                         generator = torch.Generator(device=logits.device).manual_seed(seed)
