@@ -338,10 +338,11 @@ def bench_model(ctx: BenchContext) -> None:
 
 def measure_slow(ctx: BenchContext, kernel: str, mode: str, x_name: str, x_value, config: str,
                  providers: list[Provider]) -> None:
-    # Whole-model passes take seconds each: one warm-up round and up to 5 timed rounds (with
-    # 3, the T=64 loop ratio moved between 1.25x and 1.55x across runs on the shared 2-core box).
+    # Whole-model passes take seconds each: one warm-up round, and no more timed rounds than
+    # --repeats asks for up to 15 (with 3-5 rounds the T=64 loop ratio moved between 1.25x and
+    # 1.68x across runs on the shared 2-core box; the loop's own time varies most).
     saved = ctx.warmup, ctx.repeats
-    ctx.warmup, ctx.repeats = 1, min(ctx.repeats, 2 if ctx.quick else 5)
+    ctx.warmup, ctx.repeats = 1, min(ctx.repeats, 2 if ctx.quick else 15)
     try:
         measure(ctx, kernel, mode, x_name, x_value, config, providers, memory=True)
     finally:
