@@ -10,13 +10,17 @@ Triton): it times, interleaved in one process on the 4-layer, 512-wide Llama of
                   of 4096, written so that inductor fuses the penalty's row sums and the
                   gradient update into one loop nest (the straightforward form gets two
                   passes over θ, θ*, F and is slower still);
+* ``compiled_model`` the same compiled row form over the model's own tensors (each parameter
+                  viewed as rows of 1024, the few smaller ones left out): what shipping a
+                  compiled CPU path would run, guards and all (one compile, about 10 s);
 * ``addcmul``     one torch op reading three of the step's four arrays and writing one
                   (``g.addcmul_(F, θ)``): the bandwidth a single streaming op reaches;
 * ``fused_cpp``   the step as one hand-written OpenMP loop (one read of θ, θ*, F, g and one
                   write of g), built with ``torch.utils.cpp_extension.load_inline`` (needs a
                   C++ compiler; about 40 s to build once).
 
-Run: ``python -m bench.probes.ewc_cpu_ceiling`` (about 2 minutes on 2 cores).
+Run: ``python -m bench.probes.ewc_cpu_ceiling`` (about 2 minutes on 2 cores).  Results and
+what they mean: docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -53,6 +57,27 @@ def _row_step(p, a, f, g, lam: float):
     return rows.sum() * (lam / 2)
 
 
+def _rows_step(ps, as_, fs, gs, lam: float):
+    total = ps[0].new_zeros(())
+    for p, a, f, g in zip(ps, as_, fs, gs, strict=True):
+        d = p - a
+        fd = f * d
+        rows = (fd * d).sum(-1, keepdim=True)
+        g.add_(fd * lam + rows * 0.0)
+        total = total + rows.sum()
+    return total * (lam / 2)
+
+
+def _row_views(params, anchors, fishers, width: int = 1024):
+    out = ([], [], [], [])
+    for p, a, f in zip(params, anchors, fishers, strict=True):
+        whole = p.numel() // width * width
+        if whole:
+            for dst, t in zip(out, (p.detach(), a, f, p.grad), strict=True):
+                dst.append(t.reshape(-1)[:whole].view(-1, width))
+    return out
+
+
 def main(rounds: int = 21) -> None:
     from torch.utils.cpp_extension import load_inline
 
@@ -71,6 +96,7 @@ def main(rounds: int = 21) -> None:
             for ts in (params, anchors, fishers)]
     flat_grad = torch.zeros_like(flat[0])
     compiled = torch.compile(_row_step)
+    compiled_model = torch.compile(_rows_step, dynamic=False)
     ext = load_inline("forgetless_ewc_probe", cpp_sources=_CPP, functions=["ewc_fused"],
                       extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     with torch.no_grad():
@@ -84,6 +110,7 @@ def main(rounds: int = 21) -> None:
         "ours": lambda: ewc_step(params, anchors, fishers, LAMBDA),
         "autograd": lambda: by_name["autograd"](None),
         "compiled": lambda: compiled(*flat, flat_grad, LAMBDA),
+        "compiled_model": lambda: compiled_model(*_row_views(params, anchors, fishers), LAMBDA),
         "addcmul": lambda: flat_grad.addcmul_(flat[2], flat[0], value=LAMBDA),
         "fused_cpp": lambda: sum(ext.ewc_fused(p.detach(), a, f, p.grad, LAMBDA)
                                  for p, a, f in zip(params, anchors, fishers)),
@@ -103,7 +130,7 @@ def main(rounds: int = 21) -> None:
     for name, ts in times.items():
         med = statistics.median(ts)
         moved = (4 if name == "addcmul" else 5) * 4 * count  # bytes the op must move at least
-        print(f"  {name:10s} {med * 1e3:7.2f} ms  {moved / med / 1e9:5.1f} GB/s  autograd/this {auto / med:4.2f}x"
+        print(f"  {name:14s} {med * 1e3:7.2f} ms  {moved / med / 1e9:5.1f} GB/s  autograd/this {auto / med:4.2f}x"
               + ("  (4 arrays, not the step)" if name == "addcmul" else ""))
     print(f"  the step moves {step_bytes / 1e6:.0f} MB")
 
