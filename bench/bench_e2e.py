@@ -37,8 +37,10 @@ KERNEL_LORA = "e2e_lora"
 KERNEL_FISHER = "e2e_fisher"
 
 TARGETS = [
-    Target("issue 4: trainer LoRA run tokens/s >= 1.0x HF Trainer + PEFT", KERNEL_LORA, "throughput",
-           "hf_trainer", min_ratio=1.0),
+    Target("issue 4: trainer LoRA run tokens/s >= 1.0x HF Trainer + PEFT, dropout 0", KERNEL_LORA, "throughput",
+           "hf_trainer", config_contains="dropout=0.0 ", min_ratio=1.0),
+    Target("issue 4: trainer LoRA run tokens/s >= 1.0x HF Trainer + PEFT, dropout 0.05", KERNEL_LORA,
+           "throughput", "hf_trainer", config_contains="dropout=0.05", min_ratio=1.0),
 ]
 
 
