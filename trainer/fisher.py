@@ -105,7 +105,9 @@ def drop_padding_columns(input_ids: torch.Tensor, attention_mask: torch.Tensor |
     if attention_mask is None or attention_mask.dim() != 2:
         return input_ids, attention_mask, labels
     used = attention_mask.ne(0).any(dim=0).nonzero()
-    end = int(used.max()) + 1 if used.numel() else 0
+    if used.numel() == 0:  # no tokens at all: left as it is (it has no labels either)
+        return input_ids, attention_mask, labels
+    end = int(used.max()) + 1
     if end == input_ids.shape[1]:
         return input_ids, attention_mask, labels
     return input_ids[:, :end], attention_mask[:, :end], labels[:, :end]
