@@ -35,9 +35,10 @@ from kernels import backend
 
 # Size of the fp32 per-sample gradient tile of the torch path.  The tile and the Fisher rows
 # it is added to stay in the last-level cache while the samples go by; larger tiles mean
-# fewer, larger matmuls.  Measured on the 2-core EPYC (32 MiB L3, fisher-only in-place
-# form, T = 48..256, 512/1376/4096-wide layers): 4 MiB costs 1.03-1.39x the plain weight
-# gradient, 1 MiB 1.11-1.69x, 256 KiB about 2x (docs/benchmarks.md).
+# fewer, larger matmuls.  Measured on the 2-core EPYC (32 MiB L3) by
+# `python -m bench.probes.fisher_tile_size` (fisher-only in-place form, T = 48..256, the
+# 4x512 Llama's layers): 4 MiB costs 1.10-1.63x the plain weight gradient, 1 MiB 1.22-1.83x,
+# 256 KiB about 2x.
 TORCH_TILE_BYTES = 4 << 20
 
 
