@@ -107,3 +107,13 @@ def test_the_shipped_matrix_parses_and_covers_the_issue_methods():
             ("lora_ewc", False)} <= methods
     assert any(r.get("early_stopping_patience", 0) > 0 for r in rows)
     assert {r.get("lora_r") for r in rows if r.get("method") == "lora"} >= {1, 2, 4, 8}
+
+
+@pytest.mark.parametrize("name", ["compare", "lora_ewc_sweep"])
+def test_every_shipped_matrix_resolves_to_valid_trainer_configs(name, tmp_path):
+    # A key the trainer does not know, or a value it rejects, fails here rather than after the
+    # rows before it have trained.
+    common, rows = compare.load_matrix(compare.DEFAULT_MATRIX.parent / f"{name}.yaml")
+    for row in rows:
+        cfg = compare.row_config(common, row, {}, tmp_path)
+        assert cfg.method == row.get("method", common.get("method"))
