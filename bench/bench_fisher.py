@@ -248,10 +248,13 @@ def summed_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
 
 
 def without_padding_columns(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The batch cut after its longest row (right padding), as a dynamic-padding collator
-    would have made it: what the batched baselines run, since ours cuts the same columns."""
-    end = int(batch["attention_mask"].sum(dim=1).max())
-    return {k: v[:, :end] for k, v in batch.items()}
+    """The batch without the columns that are padding in every row, as a dynamic-padding
+    collator would have made it: what the batched baselines run, since ours cuts the same
+    columns (the same function cuts them)."""
+    from trainer.fisher import drop_padding_columns
+
+    ids, mask, labels = drop_padding_columns(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def model_providers(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> list[Provider]:

@@ -28,7 +28,7 @@ from .report import (
     percent,
 )
 from .scoring import choice_prediction, exact_match, in_task_format, is_refusal
-from .suite import Suite, SuiteError, SuiteRow, load_suite
+from .suite import Suite, SuiteError, SuiteRow, load_suite, read_utf8
 
 
 def _as_suite(suite: Suite | str | Path) -> Suite:
@@ -36,13 +36,7 @@ def _as_suite(suite: Suite | str | Path) -> Suite:
 
 
 def _read_text(path: str | Path) -> tuple[str, str]:
-    path = Path(path)
-    if not path.is_file():
-        raise SuiteError(f"{path}: held-out text file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise SuiteError(f"{path}: not UTF-8 text ({exc})") from None
+    text = read_utf8(path, "held-out text file")
     if not text.strip():
         raise SuiteError(f"{path}: the held-out text is empty")
     return text, hashlib.sha256(text.encode()).hexdigest()

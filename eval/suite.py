@@ -182,13 +182,18 @@ def parse_suite_lines(lines: list[str], path: str = "<memory>") -> Suite:
     return Suite(meta=meta, rows=rows, path=path, content_hash=digest, compiled=compiled)
 
 
-def load_suite(path: str | Path) -> Suite:
-    """Read and validate a suite file; raises SuiteError (file:line) on any malformed row."""
+def read_utf8(path: str | Path, what: str) -> str:
+    """The text of ``path``; SuiteError naming the file when it is missing (as ``what``) or
+    not UTF-8."""
     path = Path(path)
     if not path.is_file():
-        raise SuiteError(f"{path}: suite file not found")
+        raise SuiteError(f"{path}: {what} not found")
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise SuiteError(f"{path}: not UTF-8 text ({exc})") from None
-    return parse_suite_lines(text.splitlines(), str(path))
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Read and validate a suite file; raises SuiteError (file:line) on any malformed row."""
+    return parse_suite_lines(read_utf8(path, "suite file").splitlines(), str(path))

@@ -176,3 +176,34 @@ def test_pretraining_loss_weights_prompt_tokens():
         for weight in (0.0, 0.3):
             want = completion_nll / n_completion + weight * prompt_nll / n_prompt
             assert float(demo_base.pretraining_loss(model, batch, weight)) == pytest.approx(want, abs=1e-5)
+
+
+def test_build_once_builds_once_cleans_up_and_names_an_incomplete_folder(tmp_path):
+    from trainer.demo.base import IncompleteCacheError, build_once
+
+    calls = []
+
+    def build(staging):
+        calls.append(staging)
+        (staging / "done").write_text("x")
+
+    final = tmp_path / "cache" / "thing"
+    build_once(final, "done", build)
+    build_once(final, "done", build)  # complete: not built again
+    assert len(calls) == 1 and (final / "done").read_text() == "x"
+    assert sorted(p.name for p in final.parent.iterdir()) == ["thing"]  # no staging left behind
+
+    def failing(staging):
+        (staging / "half").write_text("x")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        build_once(tmp_path / "cache" / "other", "done", failing)
+    assert sorted(p.name for p in final.parent.iterdir()) == ["thing"]
+
+    blocked = tmp_path / "cache" / "blocked"
+    blocked.mkdir()
+    (blocked / "stray").write_text("x")  # in the way, without the marker
+    with pytest.raises(IncompleteCacheError, match="blocked exists but is not complete"):
+        build_once(blocked, "done", build)
+    assert sorted(p.name for p in final.parent.iterdir()) == ["blocked", "thing"]

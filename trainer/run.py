@@ -44,26 +44,21 @@ def demo_world() -> dict[str, Path]:
     renamed into it, so that concurrent runs (every torchrun rank resolves the demo) never
     read a half-written file."""
     import json
-    import shutil
-    import tempfile
 
+    from trainer.demo.base import IncompleteCacheError, build_once
     from trainer.demo.world import build_world
 
-    final = demo_world_dir()
-    manifest = final / "files.json"
-    if not manifest.exists():
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    def build(staging: Path) -> None:
         world = build_world(staging)
         names = {k: Path(v).name for k, v in vars(world).items() if k != "root"}
         (staging / "files.json").write_text(json.dumps(names))
-        try:
-            staging.rename(final)
-        except OSError:  # another process got there first
-            shutil.rmtree(staging, ignore_errors=True)
-            if not manifest.exists():
-                raise ConfigError(f"{final} exists but is not a complete demo world; delete it and rerun") from None
-    return {k: final / name for k, name in json.loads(manifest.read_text()).items()}
+
+    final = demo_world_dir()
+    try:
+        build_once(final, "files.json", build)
+    except IncompleteCacheError:
+        raise ConfigError(f"{final} exists but is not a complete demo world; delete it and rerun") from None
+    return {k: final / name for k, name in json.loads((final / "files.json").read_text()).items()}
 
 
 def resolve_demo(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:

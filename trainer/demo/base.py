@@ -260,6 +260,31 @@ def build_base_model(out_dir: str | Path, recipe: BaseRecipe, progress: bool = T
     return out
 
 
+class IncompleteCacheError(OSError):
+    """A cache folder is in the way of the rename but lacks its completion marker."""
+
+
+def build_once(final: Path, complete_marker: str, build: Callable[[Path], None]) -> None:
+    """Fill the cache folder ``final`` by ``build(staging)`` unless ``final/complete_marker``
+    exists. The folder is built beside its final place and renamed into it, so concurrent
+    processes never read it half-written; a process that loses the rename keeps the winner's
+    folder. The staging folder is removed whatever happens. Raises
+    :class:`IncompleteCacheError` when the rename fails and no complete folder is there."""
+    if (final / complete_marker).exists():
+        return
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        build(staging)
+        try:
+            staging.rename(final)
+        except OSError as exc:
+            if not (final / complete_marker).exists():  # not a concurrent build that won the race
+                raise IncompleteCacheError(f"{final} exists but is not complete; delete it and rerun") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def ensure_base_model(cache_dir: str | Path | None = None, progress: bool = True,
                       recipe: BaseRecipe | str = "default", **overrides) -> Path:
     """Path of the cached demo base for ``recipe``, building it first if it is missing.
@@ -273,17 +298,5 @@ def ensure_base_model(cache_dir: str | Path | None = None, progress: bool = True
     recipe = replace(recipe, **overrides)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = root / f"base-{recipe.cache_key()}"
-    if (final / "config.json").exists():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
-    try:
-        build_base_model(staging, recipe, progress=progress)
-        try:
-            staging.rename(final)
-        except OSError:
-            if not (final / "config.json").exists():  # not a concurrent build that won the race
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    build_once(final, "config.json", lambda staging: build_base_model(staging, recipe, progress=progress))
     return final
