@@ -21,7 +21,7 @@ from trainer.data import (
     read_jsonl,
     tokenize_file,
 )
-from trainer.loop import token_loss_sum
+from trainer.loss import token_loss_sum
 
 
 @pytest.fixture(scope="module")

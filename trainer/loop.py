@@ -4,6 +4,11 @@ One optimizer step = one global batch of ``per_device_train_batch_size * gradien
 * world_size`` rows, taken from the run's batch plan (``trainer.data.plan_batches``). The loss of
 the step is the sum of token losses over the whole global batch divided by its count of
 labelled tokens, so accumulation and the number of processes change nothing but speed.
+
+:func:`train` reads as the list of its phases; each phase is one function below it (torchtune's
+setup/train split): ``read_data`` -> ``load_model`` -> ``tokenize_data`` -> ``prepare_method``
+-> ``build_optimizer`` -> ``plan_run`` -> ``restore`` -> the step loop (``train_step``,
+``validate``) -> ``finish``. A new part of a run is one new function and one line in ``train``.
 """
 from __future__ import annotations
 
@@ -18,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -26,9 +30,9 @@ from trainer import checkpoint as ckpt
 from trainer import distributed as D
 from trainer.config import ConfigError, TrainConfig, save_yaml
 from trainer.data import (
-    IGNORE_INDEX,
     REPLAY,
     Example,
+    TokenizedSet,
     collate,
     count_loss_tokens,
     micro_batches,
@@ -39,7 +43,10 @@ from trainer.data import (
     steps_for,
     tokenize_file,
 )
+from trainer.loss import token_loss_sum, validation_loss
 from trainer.methods import Method, build_method, fisher_key, load_fisher_file
+
+__all__ = ["TrainResult", "TrainingDiverged", "train", "load_model", "lr_at"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -98,6 +105,45 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.learning_rate
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _log(text: str, ctx: D.DistContext) -> None:
+    if ctx.is_main:
+        tqdm.write(text)
+
+
+# ---------------------------------------------------------------------------- the phases
+
+
+def bf16_autocast(cfg: TrainConfig, device: torch.device) -> tuple[bool, Callable]:
+    """Whether the run uses bf16 autocast, and a context-manager factory for its forwards."""
+    use_bf16 = cfg.bf16 == "true" or (cfg.bf16 == "auto" and device.type == "cuda"
+                                       and torch.cuda.is_bf16_supported())
+    if not use_bf16:
+        return False, contextlib.nullcontext
+    return True, lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def fisher_data_path(cfg: TrainConfig) -> str | None:
+    """The general data the method's Fisher is estimated on (None when the method has no penalty)."""
+    if cfg.method not in ("ewc", "lora_ewc"):
+        return None
+    path = cfg.fisher_data or cfg.replay_data
+    if not path and not cfg.fisher_path:
+        raise ConfigError(f"method={cfg.method} needs fisher_data (or replay_data) for the Fisher")
+    return path
+
+
+def read_data(cfg: TrainConfig) -> dict[str, list[dict]]:
+    """Every JSONL file the run reads, checked row by row before the model loads (bad rows fail fast)."""
+    wanted = [cfg.data, cfg.eval_data, cfg.replay_data if cfg.replay_ratio > 0 else None, fisher_data_path(cfg)]
+    return {path: read_jsonl(path) for path in dict.fromkeys(p for p in wanted if p)}
+
+
 def load_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, object]:
     """Model and tokenizer from a local HF directory; weights only from safetensors files."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -114,36 +160,27 @@ def load_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, objec
     return model.to(device), tokenizer
 
 
-def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], autocast) -> torch.Tensor:
-    """Sum (not mean) of next-token cross-entropy over the labelled tokens of ``batch``."""
-    with autocast():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logits = logits[:, :-1]
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    labels = batch["labels"][:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+@dataclass
+class RunData:
+    """The tokenized sets of one run."""
+
+    task: TokenizedSet
+    val: TokenizedSet | None
+    replay: TokenizedSet | None
 
 
-@torch.no_grad()
-def validation_loss(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int,
-                    ctx: D.DistContext, autocast) -> float:
-    """Mean token loss over ``examples``, sharded over ranks (every rank runs the same batch count)."""
-    was_training = model.training
-    model.eval()
-    shard = examples[ctx.rank::ctx.world_size]
-    per_rank = math.ceil(len(examples) / ctx.world_size)
-    totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)
-    for start in range(0, per_rank, batch_size):
-        rows = shard[start:start + batch_size]
-        weight = 1.0 if rows else 0.0  # an empty shard still joins FSDP's collectives
-        batch = {k: v.to(ctx.device) for k, v in collate(rows or examples[:1], pad_id).items()}
-        totals[0] += weight * token_loss_sum(model, batch, autocast).double()
-        totals[1] += weight * count_loss_tokens(batch)
-    D.all_reduce_sum(totals, ctx)
-    model.train(was_training)
-    return float(totals[0] / totals[1])
+def tokenize_data(cfg: TrainConfig, tokenizer, rows: dict[str, list[dict]], ctx: D.DistContext) -> RunData:
+    task = tokenize_file(cfg.data, tokenizer, cfg.max_length, rows[cfg.data])
+    val = tokenize_file(cfg.eval_data, tokenizer, cfg.max_length, rows[cfg.eval_data]) if cfg.eval_data else None
+    if val is None:
+        task, val = split_validation(task, cfg.validation_split, cfg.seed)
+    replay = None
+    if cfg.replay_ratio > 0:
+        replay = tokenize_file(cfg.replay_data, tokenizer, cfg.max_length, rows[cfg.replay_data])
+    for part in (task, val, replay):
+        if part is not None:
+            _log(f"data: {part.summary()}", ctx)
+    return RunData(task, val, replay)
 
 
 def make_fisher_source(cfg: TrainConfig, fisher_rows: list[Example], pad_id: int, ctx: D.DistContext):
@@ -171,52 +208,11 @@ def make_fisher_source(cfg: TrainConfig, fisher_rows: list[Example], pad_id: int
     return estimate
 
 
-def _log(text: str, ctx: D.DistContext) -> None:
-    if ctx.is_main:
-        tqdm.write(text)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def train(cfg: TrainConfig, on_step_end: Callable[[int, dict], None] | None = None) -> TrainResult:
-    """Run one training job as ``cfg`` says (paths already resolved, see ``trainer.run``)."""
-    t_start = time.time()
-    ctx = D.setup(cfg.device)
-    out_dir = Path(cfg.output_dir)
-    if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, out_dir / "config.yaml")
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    use_bf16 = cfg.bf16 == "true" or (cfg.bf16 == "auto" and ctx.device.type == "cuda"
-                                       and torch.cuda.is_bf16_supported())
-    autocast = (lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
-
-    # -- data (checked before the model loads, so bad rows fail fast), then the model ----------
-    fisher_path = (cfg.fisher_data or cfg.replay_data) if cfg.method in ("ewc", "lora_ewc") else None
-    if cfg.method in ("ewc", "lora_ewc") and not fisher_path and not cfg.fisher_path:
-        raise ConfigError(f"method={cfg.method} needs fisher_data (or replay_data) for the Fisher")
-    wanted = [cfg.data, cfg.eval_data, cfg.replay_data if cfg.replay_ratio > 0 else None, fisher_path]
-    rows = {path: read_jsonl(path) for path in dict.fromkeys(p for p in wanted if p)}
-    model, tokenizer = load_model(cfg, ctx.device)
-    pad_id = pad_id_of(tokenizer)
-    task = tokenize_file(cfg.data, tokenizer, cfg.max_length, rows[cfg.data])
-    val = tokenize_file(cfg.eval_data, tokenizer, cfg.max_length, rows[cfg.eval_data]) if cfg.eval_data else None
-    if val is None:
-        task, val = split_validation(task, cfg.validation_split, cfg.seed)
-    replay = None
-    if cfg.replay_ratio > 0:
-        replay = tokenize_file(cfg.replay_data, tokenizer, cfg.max_length, rows[cfg.replay_data])
-    for part in (task, val, replay):
-        if part is not None:
-            _log(f"data: {part.summary()}", ctx)
-
-    # -- the method: Fisher on the base model, then what trains --------------------------------
-    method: Method = build_method(cfg)
+def prepare_method(cfg: TrainConfig, model: nn.Module, tokenizer, rows: dict[str, list[dict]], pad_id: int,
+                   out_dir: Path, ctx: D.DistContext) -> Method:
+    """The method's parts on the model: the base Fisher (estimated or reused) first, then what trains."""
+    method = build_method(cfg)
+    fisher_path = fisher_data_path(cfg)
     fisher_source = fisher_cache = None
     if method.penalty is not None and fisher_path:
         fisher_set = tokenize_file(fisher_path, tokenizer, cfg.max_length, rows[fisher_path])
@@ -235,183 +231,285 @@ def train(cfg: TrainConfig, on_step_end: Callable[[int, dict], None] | None = No
     method.prepare(model, fisher_source, fisher_cache)
     if method.fisher_file is not None:
         _log(f"fisher: {method.fisher_file}", ctx)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    model = D.wrap_model(model, ctx, cfg.fsdp)
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in params)
-    n_total = sum(p.numel() for p in model.parameters())
-    _log(f"method: {cfg.method}; {n_trainable:,} of {n_total:,} parameters train; world size {ctx.world_size}; "
-         f"device {ctx.device}{' (bf16 autocast)' if use_bf16 else ''}", ctx)
+    return method
 
-    # Weight decay on matrices only (not on biases, norms or the 1-D parts of anything).
+
+def build_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on biases, norms or other 1-D parameters)."""
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
     )
 
-    # -- the batch plan --------------------------------------------------------------------
+
+@dataclass
+class BatchPlan:
+    """The whole run's global batches, as (source, row index), and the rows they index."""
+
+    total_steps: int
+    batches: list[list[tuple[int, int]]]
+    sources: dict[int, list[Example]]
+
+
+def plan_run(cfg: TrainConfig, data: RunData, ctx: D.DistContext) -> BatchPlan:
     global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * ctx.world_size
-    n_replay = len(replay.examples) if replay else 0
-    ratio = cfg.replay_ratio if replay else 0.0
-    total_steps = steps_for(len(task.examples), global_batch, ratio, cfg.num_train_epochs, cfg.max_steps)
-    plan = plan_batches(len(task.examples), n_replay, ratio, global_batch, total_steps, cfg.seed)
-    sources = {0: task.examples, REPLAY: replay.examples if replay else []}
+    n_replay = len(data.replay.examples) if data.replay else 0
+    ratio = cfg.replay_ratio if data.replay else 0.0
+    total = steps_for(len(data.task.examples), global_batch, ratio, cfg.num_train_epochs, cfg.max_steps)
+    batches = plan_batches(len(data.task.examples), n_replay, ratio, global_batch, total, cfg.seed)
+    return BatchPlan(total, batches, {0: data.task.examples, REPLAY: data.replay.examples if data.replay else []})
 
-    # -- resume -----------------------------------------------------------------------------
-    state = ckpt.TrainerState(step=0)
-    best_weights: dict[str, torch.Tensor] | None = None
-    if cfg.resume_from_checkpoint:
-        path = ckpt.resolve_resume(cfg.resume_from_checkpoint, out_dir)
-        weights, optim_state, state, rng = ckpt.load_checkpoint(path)
-        D.load_trainable(model, weights)
-        D.load_optimizer_state(model, optimizer, optim_state)
-        ckpt.set_rng_state(rng)
-        best_weights = ckpt.load_best(path)
-        _log(f"resumed from {path} at step {state.step}", ctx)
-    metrics_path = out_dir / "metrics.jsonl"
-    if ctx.is_main:
-        kept = []
-        if state.step and metrics_path.exists():  # drop records past the resume point
-            kept = [ln for ln in metrics_path.read_text().splitlines() if json.loads(ln).get("step", 0) <= state.step]
-        metrics_path.write_text("".join(ln + "\n" for ln in kept))
-    writer = None
-    if cfg.report_to == "tensorboard" and ctx.is_main:
-        from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out_dir / "tensorboard"))
+def restore(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, out_dir: Path,
+            ctx: D.DistContext) -> tuple[ckpt.TrainerState, dict[str, torch.Tensor] | None]:
+    """The trainer state to start from: step 0, or what ``resume_from_checkpoint`` saved."""
+    if not cfg.resume_from_checkpoint:
+        return ckpt.TrainerState(step=0), None
+    path = ckpt.resolve_resume(cfg.resume_from_checkpoint, out_dir)
+    weights, optim_state, state, rng = ckpt.load_checkpoint(path)
+    D.load_trainable(model, weights)
+    D.load_optimizer_state(model, optimizer, optim_state)
+    ckpt.set_rng_state(rng)
+    _log(f"resumed from {path} at step {state.step}", ctx)
+    return state, ckpt.load_best(path)
 
-    def log_metrics(record: dict) -> None:
-        if not ctx.is_main:
+
+class MetricsLog:
+    """metrics.jsonl (rank 0 only; records past a resume point dropped) and optional TensorBoard."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: Path, resumed_step: int, ctx: D.DistContext):
+        self.path = out_dir / "metrics.jsonl"
+        self.enabled = ctx.is_main
+        self.writer = None
+        if not self.enabled:
             return
-        with metrics_path.open("a") as fh:
+        kept = []
+        if resumed_step and self.path.exists():
+            kept = [ln for ln in self.path.read_text().splitlines() if json.loads(ln).get("step", 0) <= resumed_step]
+        self.path.write_text("".join(ln + "\n" for ln in kept))
+        if cfg.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
-        if writer is not None:
+        if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
-                    writer.add_scalar(key, value, record["step"])
+                    self.writer.add_scalar(key, value, record["step"])
 
-    def save(rng: dict | None = None) -> Path | None:
-        weights = D.full_state_dict(model, trainable_only=True)
-        optim_state = D.optimizer_state(model, optimizer)
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+@dataclass
+class Run:
+    """Everything the step loop works on, built by the phases of :func:`train`."""
+
+    cfg: TrainConfig
+    ctx: D.DistContext
+    out_dir: Path
+    model: nn.Module
+    tokenizer: object
+    pad_id: int
+    method: Method
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    autocast: Callable
+    data: RunData
+    plan: BatchPlan
+    state: ckpt.TrainerState
+    best_weights: dict[str, torch.Tensor] | None
+    metrics: MetricsLog
+    result: TrainResult
+
+    def save_checkpoint(self, rng: dict | None = None) -> Path | None:
+        weights = D.full_state_dict(self.model, trainable_only=True)
+        optim_state = D.optimizer_state(self.model, self.optimizer)
         path = None
-        if ctx.is_main:
-            path = ckpt.save_checkpoint(out_dir, weights, optim_state, state, cfg.save_total_limit,
-                                        rng=rng, best=best_weights)
-        D.barrier(ctx)
+        if self.ctx.is_main:
+            path = ckpt.save_checkpoint(self.out_dir, weights, optim_state, self.state, self.cfg.save_total_limit,
+                                        rng=rng, best=self.best_weights)
+        D.barrier(self.ctx)
         return path
 
-    # -- the loop ---------------------------------------------------------------------------
-    result = TrainResult(output_dir=out_dir, saved_to=None, steps=total_steps, fisher_file=method.fisher_file)
-    result.last_checkpoint = ckpt.list_checkpoints(out_dir)[-1] if ckpt.list_checkpoints(out_dir) else None
-    bar = tqdm(total=total_steps, initial=state.step, disable=not (cfg.progress and ctx.is_main),
+
+# ------------------------------------------------------------------------- one step
+
+
+def train_step(run: Run, step: int) -> dict:
+    """One optimizer step on global batch ``step`` of the plan; returns its metrics record."""
+    cfg, ctx, model = run.cfg, run.ctx, run.model
+    t0 = time.time()
+    lr = lr_at(step, run.plan.total_steps, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    rows = run.plan.batches[step]
+    n_replay_rows = sum(1 for kind, _ in rows if kind == REPLAY)
+    micros = micro_batches(rows, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
+                           ctx.rank, ctx.world_size)
+    batches = [{k: v.to(ctx.device) for k, v in collate([run.plan.sources[s][i] for s, i in mb], run.pad_id).items()}
+               for mb in micros]
+    # Normalise by the labelled tokens of the whole global batch (all micro-batches, all ranks).
+    counts = torch.tensor([sum(count_loss_tokens(b) for b in batches),
+                           sum(int(b["attention_mask"].sum()) for b in batches)],
+                          dtype=torch.float64, device=ctx.device)
+    D.all_reduce_sum(counts, ctx)
+    n_loss_tokens, n_tokens = float(counts[0]), int(counts[1])
+    loss_total = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    for i, batch in enumerate(batches):
+        with D.no_sync(model, skip_sync=i < len(batches) - 1):
+            loss_sum = token_loss_sum(model, batch, run.autocast)
+            # DDP averages gradients over ranks, hence the world_size factor.
+            (loss_sum * (ctx.world_size / max(n_loss_tokens, 1.0))).backward()
+        loss_total += loss_sum.detach().double()
+    loss = float(D.all_reduce_sum(loss_total, ctx)) / max(n_loss_tokens, 1.0)
+    if not math.isfinite(loss):
+        raise TrainingDiverged(_diverged_message("loss", loss, step + 1, run.result.last_checkpoint))
+    penalty = run.method.after_backward(model)
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, max_norm))
+    if not math.isfinite(grad_norm):
+        raise TrainingDiverged(_diverged_message("gradient norm", grad_norm, step + 1, run.result.last_checkpoint))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.state.step = step + 1
+    run.state.tokens_seen += n_tokens
+    run.result.replay_rows += n_replay_rows
+    run.result.task_rows += len(rows) - n_replay_rows
+    dt = max(time.time() - t0, 1e-9)
+    run.result.losses[run.state.step] = loss
+    return {"step": run.state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_second": n_tokens / dt, "ewc_penalty": penalty,
+            "replay_share": n_replay_rows / len(rows), "tokens": n_tokens}
+
+
+def validate(run: Run, record: dict) -> None:
+    """Validation loss at eval_steps and at the end; tracks the best step (and its weights for
+    early stopping)."""
+    cfg, state = run.cfg, run.state
+    if run.data.val is None or not ((cfg.eval_steps and state.step % cfg.eval_steps == 0)
+                                    or state.step == run.plan.total_steps):
+        return
+    eval_loss = validation_loss(run.model, run.data.val.examples, cfg.per_device_eval_batch_size, run.pad_id,
+                                run.ctx, run.autocast)
+    record["eval_loss"] = eval_loss
+    run.result.eval_losses[state.step] = eval_loss
+    if state.best_eval_loss is None or eval_loss < state.best_eval_loss:
+        state.best_eval_loss, state.best_step, state.evals_without_improvement = eval_loss, state.step, 0
+        if cfg.early_stopping_patience > 0:
+            run.best_weights = D.full_state_dict(run.model, trainable_only=True)
+    else:
+        state.evals_without_improvement += 1
+    _log(f"step {state.step}: eval loss {eval_loss:.4f} (best {state.best_eval_loss:.4f} "
+         f"at step {state.best_step})", run.ctx)
+
+
+def run_steps(run: Run, on_step_end: Callable[[int, dict], None] | None) -> int:
+    """The step loop; returns the tokens trained in this process's run (for tokens/s).
+
+    On Ctrl-C the step in flight (if any) is dropped; the checkpoint holds the last completed
+    one and the RNG as it was when that step ended, so a resume replays the very same run."""
+    cfg, state = run.cfg, run.state
+    bar = tqdm(total=run.plan.total_steps, initial=state.step, disable=not (cfg.progress and run.ctx.is_main),
                dynamic_ncols=True, desc=f"{cfg.method}")
-    t_loop, tokens_this_run = time.time(), 0
+    tokens = 0
     step_rng = ckpt.rng_state()
     try:
-        while state.step < total_steps:
-            step = state.step
-            t0 = time.time()
-            lr = lr_at(step, total_steps, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            rows = plan[step]
-            n_replay_rows = sum(1 for kind, _ in rows if kind == REPLAY)
-            micros = micro_batches(rows, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
-                                   ctx.rank, ctx.world_size)
-            batches = [{k: v.to(ctx.device) for k, v in collate([sources[s][i] for s, i in mb], pad_id).items()}
-                       for mb in micros]
-            # Normalise by the labelled tokens of the whole global batch (all micro-batches, all ranks).
-            counts = torch.tensor([sum(count_loss_tokens(b) for b in batches),
-                                   sum(int(b["attention_mask"].sum()) for b in batches)],
-                                  dtype=torch.float64, device=ctx.device)
-            D.all_reduce_sum(counts, ctx)
-            n_loss_tokens, n_tokens = float(counts[0]), int(counts[1])
-            loss_total = torch.zeros((), dtype=torch.float64, device=ctx.device)
-            for i, batch in enumerate(batches):
-                with D.no_sync(model, skip_sync=i < len(batches) - 1):
-                    loss_sum = token_loss_sum(model, batch, autocast)
-                    # DDP averages gradients over ranks, hence the world_size factor.
-                    (loss_sum * (ctx.world_size / max(n_loss_tokens, 1.0))).backward()
-                loss_total += loss_sum.detach().double()
-            loss = float(D.all_reduce_sum(loss_total, ctx)) / max(n_loss_tokens, 1.0)
-            if not math.isfinite(loss):
-                raise TrainingDiverged(_diverged_message("loss", loss, step + 1, result.last_checkpoint))
-            penalty = method.after_backward(model)
-            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            if not math.isfinite(grad_norm):
-                raise TrainingDiverged(_diverged_message("gradient norm", grad_norm, step + 1, result.last_checkpoint))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step = step + 1
-            state.tokens_seen += n_tokens
-            tokens_this_run += n_tokens
-            result.replay_rows += n_replay_rows
-            result.task_rows += len(rows) - n_replay_rows
-            dt = max(time.time() - t0, 1e-9)
-            result.losses[state.step] = loss
-            record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_second": n_tokens / dt, "ewc_penalty": penalty,
-                      "replay_share": n_replay_rows / len(rows)}
-
-            if val is not None and ((cfg.eval_steps and state.step % cfg.eval_steps == 0)
-                                    or state.step == total_steps):
-                eval_loss = validation_loss(model, val.examples, cfg.per_device_eval_batch_size, pad_id, ctx,
-                                            autocast)
-                record["eval_loss"] = eval_loss
-                result.eval_losses[state.step] = eval_loss
-                if state.best_eval_loss is None or eval_loss < state.best_eval_loss:
-                    state.best_eval_loss, state.best_step, state.evals_without_improvement = eval_loss, state.step, 0
-                    if cfg.early_stopping_patience > 0:
-                        best_weights = D.full_state_dict(model, trainable_only=True)
-                else:
-                    state.evals_without_improvement += 1
-                _log(f"step {state.step}: eval loss {eval_loss:.4f} (best {state.best_eval_loss:.4f} "
-                     f"at step {state.best_step})", ctx)
-
-            if state.step % cfg.logging_steps == 0 or state.step == total_steps or "eval_loss" in record:
-                log_metrics(record)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:,.0f}")
+        while state.step < run.plan.total_steps:
+            record = train_step(run, state.step)
+            tokens += record.pop("tokens")
+            validate(run, record)
+            if state.step % cfg.logging_steps == 0 or state.step == run.plan.total_steps or "eval_loss" in record:
+                run.metrics.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                            tok_s=f"{record['tokens_per_second']:,.0f}")
             bar.update(1)
             if cfg.save_steps and state.step % cfg.save_steps == 0:
-                result.last_checkpoint = save()
+                run.result.last_checkpoint = run.save_checkpoint()
             step_rng = ckpt.rng_state()  # the RNG as of state.step: what an interrupt checkpoint restores
             if on_step_end is not None:
                 on_step_end(state.step, record)
             if 0 < cfg.early_stopping_patience <= state.evals_without_improvement:
                 _log(f"early stopping at step {state.step}: no improvement in {cfg.early_stopping_patience} "
-                     f"evaluations", ctx)
-                result.stopped_early = True
+                     f"evaluations", run.ctx)
+                run.result.stopped_early = True
                 break
     except KeyboardInterrupt:
         bar.close()
-        # The step in flight (if any) is dropped; the checkpoint holds the last completed one and
-        # the RNG as it was when that step ended, so a resume replays the very same run.
         state_before = state.step
-        result.last_checkpoint = save(rng=step_rng)
-        _log(f"interrupted at step {state_before}: checkpoint saved to {result.last_checkpoint}; "
-             f"continue with resume_from_checkpoint=latest", ctx)
-        D.teardown(ctx)
+        run.result.last_checkpoint = run.save_checkpoint(rng=step_rng)
+        _log(f"interrupted at step {state_before}: checkpoint saved to {run.result.last_checkpoint}; "
+             f"continue with resume_from_checkpoint=latest", run.ctx)
+        D.teardown(run.ctx)
         raise
     bar.close()
-    result.wall_seconds = time.time() - t_start
-    result.tokens_per_second = tokens_this_run / max(time.time() - t_loop, 1e-9)
+    return tokens
 
-    # -- the end: best weights back, outputs out ----------------------------------------------
-    if cfg.early_stopping_patience > 0 and best_weights is not None and state.best_step != state.step:
-        D.load_trainable(model, best_weights)
+
+def finish(run: Run) -> None:
+    """Best weights back (early stopping), then the method saves the model or adapter."""
+    cfg, state, ctx = run.cfg, run.state, run.ctx
+    if cfg.early_stopping_patience > 0 and run.best_weights is not None and state.best_step != state.step:
+        D.load_trainable(run.model, run.best_weights)
         _log(f"restored the best weights (step {state.best_step}, eval loss {state.best_eval_loss:.4f})", ctx)
-    result.best_step = state.best_step
-    full_state = D.full_state_dict(model, trainable_only=False) if D.is_fsdp(model) else None
+    run.result.best_step = state.best_step
+    full_state = D.full_state_dict(run.model, trainable_only=False) if D.is_fsdp(run.model) else None
     if ctx.is_main:
-        result.saved_to = method.save(D.unwrap(model), tokenizer, out_dir, state_dict=full_state)
-    result.peak_memory_mb = peak_memory_mb(ctx.device)
-    if writer is not None:
-        writer.close()
+        run.result.saved_to = run.method.save(D.unwrap(run.model), run.tokenizer, run.out_dir, state_dict=full_state)
+    run.result.peak_memory_mb = peak_memory_mb(ctx.device)
+    run.metrics.close()
+
+
+# ------------------------------------------------------------------------------ a run
+
+
+def train(cfg: TrainConfig, on_step_end: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Run one training job as ``cfg`` says (paths already resolved, see ``trainer.run``)."""
+    t_start = time.time()
+    ctx = D.setup(cfg.device)
+    out_dir = Path(cfg.output_dir)
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, out_dir / "config.yaml")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    use_bf16, autocast = bf16_autocast(cfg, ctx.device)
+
+    rows = read_data(cfg)
+    model, tokenizer = load_model(cfg, ctx.device)
+    pad_id = pad_id_of(tokenizer)
+    data = tokenize_data(cfg, tokenizer, rows, ctx)
+    method = prepare_method(cfg, model, tokenizer, rows, pad_id, out_dir, ctx)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    model = D.wrap_model(model, ctx, cfg.fsdp)
+    params = [p for p in model.parameters() if p.requires_grad]
+    _log(f"method: {cfg.method}; {sum(p.numel() for p in params):,} of "
+         f"{sum(p.numel() for p in model.parameters()):,} parameters train; world size {ctx.world_size}; "
+         f"device {ctx.device}{' (bf16 autocast)' if use_bf16 else ''}", ctx)
+    optimizer = build_optimizer(cfg, params)
+    plan = plan_run(cfg, data, ctx)
+    state, best_weights = restore(cfg, model, optimizer, out_dir, ctx)
+    result = TrainResult(output_dir=out_dir, saved_to=None, steps=plan.total_steps, fisher_file=method.fisher_file)
+    checkpoints = ckpt.list_checkpoints(out_dir)
+    result.last_checkpoint = checkpoints[-1] if checkpoints else None
+    run = Run(cfg, ctx, out_dir, model, tokenizer, pad_id, method, params, optimizer, autocast, data, plan,
+              state, best_weights, MetricsLog(cfg, out_dir, state.step, ctx), result)
+
+    t_loop = time.time()
+    tokens = run_steps(run, on_step_end)
+    result.wall_seconds = time.time() - t_start
+    result.tokens_per_second = tokens / max(time.time() - t_loop, 1e-9)
+    finish(run)
     D.barrier(ctx)
     D.teardown(ctx)
     return result
