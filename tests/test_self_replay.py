@@ -100,18 +100,32 @@ def test_degeneracy_by_the_documented_rules(answer, kind):
 def test_degenerate_answers_are_dropped_and_counted(tmp_path, monkeypatch):
     answers = {"p0": "", "p1": "   ", "p2": "yes yes yes yes", "p3": "ok\nok\nok",
                "p4": "I am here. I am here. I am here.", "p5": "  A normal answer about tea.  ",
-               "p6": "Fine, with a list:\n- a\n- b", "p7": "x" * 40}
+               "p6": "Fine, with a list:\n- a\n- b", "p7": "x" * 40, "p8": "A first full sentence here. Cut of"}
     monkeypatch.setattr(sr, "generate_answers", lambda m, t, rendered, s, on_batch=None: list(answers.values()))
     model, tok = tiny_llama(seed=1), tiny_tokenizer()
     path, stats = sr.build_self_replay(model, tok, list(answers), sr.SelfReplaySettings(max_new_tokens=30),
                                        cache_dir=tmp_path, log=lambda s: None)
-    assert (stats.prompts, stats.kept, stats.empty, stats.repeated, stats.runaway) == (8, 3, 2, 2, 1)
-    assert stats.truncated == 1  # byte tokens: "x" * 40 is 40 >= 30; the other two 26 each
+    assert (stats.prompts, stats.kept, stats.empty, stats.repeated, stats.runaway) == (9, 4, 2, 2, 1)
+    # byte tokens: "x" * 40 (40) and p8 (34) reach the budget of 30, p5 and p6 (26 each) do not;
+    # p8 is cut back to its sentence end, "x" * 40 has none and stays whole
+    assert (stats.truncated, stats.trimmed) == (2, 1)
     rows = read_jsonl(path)
+    expected = {p: answers[p].strip() for p in ("p5", "p6", "p7")} | {"p8": "A first full sentence here."}
     assert [r["messages"] for r in rows] == [
-        [{"role": "user", "content": p}, {"role": "assistant", "content": answers[p].strip()}]
-        for p in ("p5", "p6", "p7")]
+        [{"role": "user", "content": p}, {"role": "assistant", "content": a}] for p, a in expected.items()]
     assert stats.sample == {"prompt": "p5", "answer": "A normal answer about tea."}
+
+
+@pytest.mark.parametrize("answer, trimmed", [
+    ("One. Two three four five six seve", "One. Two three four five six seve"),  # end at 4 of 34: kept whole
+    ("Tea is good. Coffee too! And wat", "Tea is good. Coffee too!"),
+    ('He said "stop." Then he lef', 'He said "stop."'),
+    ("Steps:\n1. Boil water\n2. Add the le", "Steps:\n1. Boil water"),
+    ("All done.", "All done."),
+    ("e.g. this is cut", "e.g. this is cut"),  # the only "end" is in the first half
+])
+def test_truncated_answers_are_cut_back_to_a_sentence_end(answer, trimmed):
+    assert sr.trim_to_sentence(answer) == trimmed
 
 
 def test_no_usable_answer_is_an_error(tmp_path, monkeypatch):

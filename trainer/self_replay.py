@@ -39,7 +39,9 @@ Degenerate answers are dropped and counted. An answer (stripped of surrounding w
   some token n-gram with n in 2..4 occurs so often that ``count * n >= half the tokens``
   (the same phrase over most of the answer: ``"I am here. I am here. I am here. ..."``).
 Answers that used the whole token budget (re-encoded length >= ``max_new_tokens``, so possibly
-cut mid-word) are kept and counted as ``truncated``.
+cut mid-word) are kept and counted as ``truncated``; each is cut back to its last sentence end
+(``.``, ``!`` or ``?`` not after a digit and before whitespace, or a line break) when that keeps at least half of it,
+so that the replayed chat does not teach the model to stop mid-sentence (counted as ``trimmed``).
 """
 from __future__ import annotations
 
@@ -60,6 +62,8 @@ BUILTIN_PROMPTS = Path(__file__).with_name("self_replay_prompts.jsonl")
 SELF_REPLAY_VERSION = 1
 _PROMPT_KEYS = {"prompt", "category"}
 _TOKEN = re.compile(r"\w+|[^\w\s]")
+# Not after a digit: the "2." of a numbered list is no sentence end.
+_SENTENCE_END = re.compile(r"(?<!\d)[.!?][\"')\]]*(?=\s|$)|\n")
 
 
 # ------------------------------------------------------------------------------- the bank
@@ -136,6 +140,15 @@ def degeneracy(answer: str) -> str | None:
     return None
 
 
+def trim_to_sentence(answer: str) -> str:
+    """``answer`` cut after its last sentence end or line break, if that keeps at least half of
+    it; else unchanged (one long unfinished sentence is better kept than lost)."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(answer)]
+    if ends and ends[-1] >= len(answer) / 2:
+        return answer[:ends[-1]].rstrip()
+    return answer
+
+
 # ------------------------------------------------------------------------------- generation
 
 
@@ -167,6 +180,7 @@ class SelfReplayStats:
     repeated: int
     runaway: int
     truncated: int  # kept, but used the whole token budget
+    trimmed: int  # truncated answers cut back to their last sentence end
     seconds: float  # generation time (of the run that built the file)
     cached: bool
     path: str
@@ -180,7 +194,7 @@ class SelfReplayStats:
         where = "from the cache" if self.cached else f"generated in {self.seconds:.1f} s"
         return (f"self-replay: {self.kept} of {self.prompts} answers kept ({where}); dropped {self.dropped} "
                 f"({self.empty} empty, {self.repeated} repeated, {self.runaway} runaway); {self.truncated} hit "
-                f"the token budget; {self.path}")
+                f"the token budget ({self.trimmed} cut back to a sentence end); {self.path}")
 
 
 def render_prompt(tokenizer, prompt: str) -> str:
@@ -287,6 +301,9 @@ def _generate_and_filter(model, tokenizer, prompts: list[str], settings: SelfRep
         answer = answer.strip()
         if len(tokenizer(answer, add_special_tokens=False)["input_ids"]) >= settings.max_new_tokens:
             counts["truncated"] += 1
+            trimmed = trim_to_sentence(answer)
+            counts["trimmed"] += trimmed != answer
+            answer = trimmed
         rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
         sample = sample or {"prompt": prompt, "answer": answer}
     if not rows:
@@ -295,7 +312,8 @@ def _generate_and_filter(model, tokenizer, prompts: list[str], settings: SelfRep
                         f"with a chat template? Use replay_data=FILE instead")
     out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return SelfReplayStats(prompts=len(prompts), kept=len(rows), empty=counts["empty"], repeated=counts["repeated"],
-                           runaway=counts["runaway"], truncated=counts["truncated"], seconds=round(seconds, 3),
+                           runaway=counts["runaway"], truncated=counts["truncated"], trimmed=counts["trimmed"],
+                           seconds=round(seconds, 3),
                            cached=False, path=str(out), sample=sample)
 
 
