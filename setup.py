@@ -21,6 +21,8 @@ setup(
         "bench",
     ],
     include_package_data=True,
+    # The built-in self-replay prompt bank (trainer.self_replay reads it beside the module).
+    package_data={"trainer": ["self_replay_prompts.jsonl"]},
     install_requires=[
         "torch>=2.4,<3",
         "triton>=3.0; platform_system == 'Linux'",
@@ -52,6 +54,7 @@ setup(
         "console_scripts": [
             "forgetless-train=trainer.run:main",
             "forgetless-eval=eval.__main__:main",
+            "forgetless-interpolate=eval.interpolate:main",
         ],
     },
 )

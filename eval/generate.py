@@ -5,12 +5,15 @@ costs a few milliseconds of Python, and ``generate`` adds its logits processors,
 criteria and cache bookkeeping to each one; this loop is the whole algorithm (prefill once,
 then one token per step for the rows still running) and stops a row at EOS or at the first
 token whose text holds a newline.  Greedy = ``argmax`` (first index on ties): deterministic.
+``sampling=Sampling(...)`` draws instead (temperature, nucleus top_p, one seeded generator for
+the whole call); ``stop_at_newline=False`` lets an answer run to EOS (chat answers).
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -96,6 +99,36 @@ def _should_drop_finished(running: torch.Tensor, cache) -> bool:
     return finished > 0 and 4 * finished >= running.numel() and hasattr(cache, "batch_select_indices")
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Sampled decoding: softmax(logits / temperature) cut to the nucleus (the most likely
+    tokens whose probabilities reach ``top_p``), one draw per row from a generator seeded
+    with ``seed``; the same prompts, batch size and seed give the same answers."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"sampling temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling top_p must be in (0, 1], got {self.top_p}")
+
+
+def next_tokens(logits: torch.Tensor, sampling: Sampling | None, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of ``logits`` [rows, vocab]: argmax, or a draw as ``sampling`` says."""
+    if sampling is None:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep a token while the mass before it is below top_p (the first token always stays).
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
 def max_positions(model) -> int | None:
     value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     return int(value) if isinstance(value, int) and value > 0 else None
@@ -109,18 +142,24 @@ def greedy_generate(
     batch_size: int = 64,
     stop_mask: torch.Tensor | None = None,
     on_batch: Callable[[int], None] | None = None,
+    stop_at_newline: bool = True,
+    sampling: Sampling | None = None,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (fed verbatim), each cut at EOS or its first newline.
 
     ``max_new_tokens`` is one int or one per prompt.  Prompts are sorted by token length so
     a batch holds similar lengths (little padding); results come back in input order.
     ``on_batch(n)`` is called after each batch with the number of prompts it finished.
+    ``stop_at_newline=False``: stop at EOS (or ``stop_mask``) only and keep every line;
+    ``sampling``: draw tokens (see :class:`Sampling`) instead of argmax.
     """
     with cpu_threads_for(model), torch.no_grad():
-        return _greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop_mask, on_batch)
+        return _greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop_mask, on_batch,
+                                stop_at_newline, sampling)
 
 
-def _greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop_mask, on_batch) -> list[str]:
+def _greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop_mask, on_batch,
+                     stop_at_newline=True, sampling=None) -> list[str]:
     if isinstance(max_new_tokens, int):
         budgets = [max_new_tokens] * len(prompts)
     else:
@@ -136,7 +175,7 @@ def _greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop
     limit = max_positions(model)
     if stop_mask is None:
         vocab = model.get_output_embeddings().weight.shape[0]
-        stop_mask = newline_token_mask(tokenizer, vocab)
+        stop_mask = newline_token_mask(tokenizer, vocab) if stop_at_newline else torch.zeros(vocab, dtype=torch.bool)
     stop_mask = stop_mask.to(device).clone()  # EOS ids are added below; leave the caller's mask alone
     for eos in eos_token_ids(model, tokenizer):
         if eos < stop_mask.numel():
@@ -145,6 +184,7 @@ def _greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop
     pad_id = pad_token_id(tokenizer)
     cache_name = _cache_kwarg(model)
     keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling is not None else None
 
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     results: list[str] = [""] * len(prompts)
@@ -179,7 +219,7 @@ def _greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop
         generated = torch.full((len(rows), steps), pad_id, dtype=torch.long, device=device)
         last_pos = positions[:, -1:]
         for step in range(steps):
-            next_token = out.logits[:, -1, :].argmax(dim=-1)
+            next_token = next_tokens(out.logits[:, -1, :], sampling, generator)
             next_token = torch.where(running, next_token, torch.full_like(next_token, pad_id))
             generated[rows_in_batch, step] = next_token
             running = running & ~stop_mask[next_token] & (budget > step + 1)
@@ -206,7 +246,7 @@ def _greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop
                 if bool(stop_mask[t]):
                     break
             text = tokenizer.decode(kept, skip_special_tokens=True)
-            results[i] = text.split("\n", 1)[0]
+            results[i] = text.split("\n", 1)[0] if stop_at_newline else text
         if on_batch is not None:
             on_batch(len(idx))
     model.train(was_training)

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 METHODS = ("full", "lora", "ewc", "lora_ewc")
+SELF_REPLAY = "self"  # replay_data=self: the base model's own answers to a prompt bank (trainer.self_replay)
 
 
 class ConfigError(ValueError):
@@ -44,7 +45,8 @@ class TrainConfig:
     data: str | None = _f(None, "task JSONL: rows {text} | {prompt, completion} | {messages}; 'demo' = the demo support task")
     eval_data: str | None = _f(None, "validation JSONL; default: validation_split of data")
     validation_split: float = _f(0.05, "share of data held out for validation when eval_data is not set (0 = none)")
-    replay_data: str | None = _f(None, "general JSONL mixed into training (replay); 'demo' = the demo general corpus")
+    replay_data: str | None = _f(None, "general JSONL mixed into training (replay); 'demo' = the demo general corpus; "
+                                       "'self' = the base model's own answers to a prompt bank (see self_replay_*)")
     replay_ratio: float = _f(0.0, "share of training examples drawn from replay_data (0 = no replay)")
     max_length: int = _f(256, "tokens per example; longer rows are truncated (and counted in the log)")
     # --- batch and schedule ----------------------------------------------------------------
@@ -78,6 +80,13 @@ class TrainConfig:
     fisher_path: str | None = _f(None, "reuse this Fisher file (safetensors) instead of estimating one")
     previous_fisher: str | None = _f(None, "online EWC: earlier Fisher file merged as gamma*F_old + F_new")
     ewc_online_gamma: float = _f(1.0, "online EWC decay of previous_fisher")
+    # --- self-replay (replay_data=self) ----------------------------------------------------
+    self_replay_prompts: str | None = _f(None, "your own prompts, JSONL rows {\"prompt\": ...}, added to the built-in bank")
+    self_replay_samples: int = _f(256, "prompts drawn (seeded by seed) from the bank for the base to answer (0 = all)")
+    self_replay_max_new_tokens: int = _f(128, "answer budget in tokens; answers stop at end of turn")
+    self_replay_do_sample: bool = _f(False, "sample the answers (temperature, top_p) instead of greedy decoding")
+    self_replay_temperature: float = _f(0.7, "sampling temperature (with self_replay_do_sample=true)")
+    self_replay_top_p: float = _f(0.9, "nucleus sampling mass (with self_replay_do_sample=true)")
     # --- validation, early stopping, checkpoints -------------------------------------------
     eval_steps: int = _f(0, "validation loss every N steps (0 = only at the end)")
     early_stopping_patience: int = _f(0, "stop after N evaluations without improvement, restoring the best weights (0 = off)")
@@ -97,6 +106,9 @@ class TrainConfig:
     capability_task: str | None = _f(None, "eval suite JSONL of the target task, for the target gain in the report")
     capability_limit: int | None = _f(None, "score only the first N rows of each suite (quick checks)")
     capability_max_drop: float | None = _f(None, "fail the run (exit 1) when a capability drops by more than N points")
+    interpolate: str = _f("none", "auto: after the report, mix the result back toward the base (alpha grid) and save "
+                                  "the largest alpha passing capability_max_drop in output_dir/interpolation",
+                          ("none", "auto"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -201,6 +213,14 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"lora_dropout={cfg.lora_dropout}: must be in [0, 1)")
     if cfg.replay_ratio > 0 and not cfg.replay_data:
         raise ConfigError("replay_ratio > 0 needs replay_data")
+    if cfg.self_replay_samples < 0:
+        raise ConfigError(f"self_replay_samples={cfg.self_replay_samples}: must be >= 0 (0 = the whole bank)")
+    if cfg.self_replay_max_new_tokens < 1:
+        raise ConfigError(f"self_replay_max_new_tokens={cfg.self_replay_max_new_tokens}: must be >= 1")
+    if not cfg.self_replay_temperature > 0:
+        raise ConfigError(f"self_replay_temperature={cfg.self_replay_temperature}: must be > 0")
+    if not 0 < cfg.self_replay_top_p <= 1:
+        raise ConfigError(f"self_replay_top_p={cfg.self_replay_top_p}: must be in (0, 1]")
 
 
 def parse_args(argv: list[str]) -> TrainConfig:

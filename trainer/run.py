@@ -17,7 +17,15 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from trainer.config import ConfigError, TrainConfig, format_config, help_text, parse_command_line, validate
+from trainer.config import (
+    SELF_REPLAY,
+    ConfigError,
+    TrainConfig,
+    format_config,
+    help_text,
+    parse_command_line,
+    validate,
+)
 from trainer.data import DataError, check_jsonl
 
 DEMO = "demo"
@@ -138,6 +146,32 @@ def forgetting_report(cfg: TrainConfig, result) -> int:
     return 0 if report.forgetting.passed else 1
 
 
+def interpolation_report(cfg: TrainConfig, result) -> int:
+    """interpolate=auto: mix the run's output back toward the base (eval.interpolate) and save the
+    largest alpha that passes the gate in output_dir/interpolation; 0 when one passes, else 1."""
+    import torch
+
+    from eval.interpolate import InterpolationError, interpolate_to_gate
+    from trainer.loop import load_model
+
+    device = torch.device("cpu") if cfg.device == "cpu" else _auto_device()
+    saved = Path(result.saved_to)
+    is_adapter = (saved / "adapter_config.json").exists()
+    print(f"interpolating {saved} toward {cfg.model} ...", flush=True)
+    try:
+        # The trainer's own loader: the base is scored exactly as in the forgetting report, so
+        # its scores come from the cache.
+        outcome = interpolate_to_gate(
+            cfg.model, cfg.capability_suite, Path(cfg.output_dir) / "interpolation", cfg.capability_max_drop,
+            adapter=saved if is_adapter else None, tuned_model=None if is_adapter else saved,
+            task=cfg.capability_task, load_model=lambda path: load_model(replace(cfg, model=path), device),
+            progress=cfg.progress, limit=cfg.capability_limit)
+    except InterpolationError as e:
+        raise ConfigError(f"interpolate=auto: {e}") from None
+    print(f"interpolation: {outcome.files['json']}, {outcome.files['chart']}", flush=True)
+    return 0 if outcome.passed else 1
+
+
 def _auto_device():
     import torch
 
@@ -157,8 +191,15 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.data is None:
             raise ConfigError("data= is required (a task JSONL file), unless model=demo")
         validate(cfg)
-        for path in dict.fromkeys(p for p in (cfg.data, cfg.eval_data, cfg.replay_data, cfg.fisher_data) if p):
+        if cfg.interpolate == "auto" and (not cfg.capability_suite or cfg.capability_max_drop is None):
+            raise ConfigError("interpolate=auto needs capability_suite and capability_max_drop (the gate it mixes to)")
+        files = (cfg.data, cfg.eval_data, cfg.replay_data, cfg.fisher_data)
+        for path in dict.fromkeys(p for p in files if p and p != SELF_REPLAY):
             check_jsonl(path)  # bad rows fail here, in a second, before torch or the model load
+        if cfg.replay_data == SELF_REPLAY and cfg.self_replay_prompts:
+            from trainer.self_replay import read_prompt_file
+
+            read_prompt_file(cfg.self_replay_prompts)  # FILE:LINE errors before the model loads
         if rank0:
             print("config:\n" + format_config(cfg), flush=True)
         use_one_thread_for_small_models(Path(cfg.model), cfg.device)
@@ -172,7 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         if rank0:
             print(result.summary(), flush=True)
         if cfg.capability_suite and rank0:
-            return forgetting_report(cfg, result)
+            code = forgetting_report(cfg, result)
+            if cfg.interpolate == "auto":
+                # The deliverable is then the interpolated model: its gate is the run's exit code.
+                code = interpolation_report(cfg, result)
+            return code
         return 0
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
