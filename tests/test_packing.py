@@ -64,19 +64,36 @@ def _model(arch: str, attention: str):
 def test_packed_tensors_by_hand():
     rows = [Example([5, 6, 7], [5, 6, 7]), Example([8, 9], [X, 9]), Example([10, 11, 12, 13], [X, X, 12, 13])]
     batch = pack_examples(rows)
-    assert set(batch) == {"input_ids", "position_ids", "labels", "shift_labels", "row_lengths"}
+    assert set(batch) == {"input_ids", "position_ids", "labels", "shift_labels", "row_spans"}
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
     # -100 at each row's first position: nothing predicts it.
     assert batch["labels"].tolist() == [[X, 6, 7, X, 9, X, X, 12, 13]]
     # t holds the label of t+1 of the same row; -100 at every row's last position (2, 4, 8).
     assert batch["shift_labels"].tolist() == [[6, 7, X, 9, X, X, 12, 13, X]]
-    assert batch["row_lengths"].tolist() == [3, 2, 4]
+    assert batch["row_spans"].tolist() == [[0, 0, 3], [0, 3, 2], [0, 5, 4]]
     assert "attention_mask" not in batch and "attention_mask" not in model_inputs(batch)
     # The classic shift of the packed labels is the same thing (so HF's own loss is right too).
     assert batch["labels"][:, 1:].tolist() == batch["shift_labels"][:, :-1].tolist()
     assert count_loss_tokens(batch) == 5
     assert count_input_tokens(batch) == 9
+
+
+def test_rows_packed_into_several_rows_by_hand():
+    """First-fit decreasing into rows of at most 5 tokens: the 4-token example opens row 0, the
+    3-token one does not fit beside it and opens row 1, the 2-token one fits row 1 (3 + 2 = 5)."""
+    rows = [Example([5, 6, 7], [5, 6, 7]), Example([8, 9], [X, 9]), Example([10, 11, 12, 13], [X, X, 12, 13])]
+    batch = pack_examples(rows, pad_id=0, max_row_tokens=5)
+    assert batch["input_ids"].tolist() == [[10, 11, 12, 13, 0], [5, 6, 7, 8, 9]]
+    # The pad tail of row 0 is a segment of its own (position 0), so nothing real attends to it.
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
+    assert batch["labels"].tolist() == [[X, X, 12, 13, X], [X, 6, 7, X, 9]]
+    assert batch["shift_labels"].tolist() == [[X, 12, 13, X, X], [6, 7, X, 9, X]]
+    assert batch["row_spans"].tolist() == [[1, 0, 3], [1, 3, 2], [0, 0, 4]]
+    assert count_loss_tokens(batch) == 5
+    assert count_input_tokens(batch) == 9  # the pad tail is not a real token
+    # A budget below the longest example: that example gets a row of its own, never split.
+    assert pack_examples(rows, max_row_tokens=1)["input_ids"].shape == (3, 4)
 
 
 def test_padded_collate_keeps_its_keys_and_adds_shift_labels_by_hand():
@@ -109,6 +126,11 @@ def test_flash_attention_offsets_match_transformers():
     assert batch["cu_seq_lens_k"].tolist() == cu_k.tolist()
     assert batch["cu_seq_lens_q"].dtype == cu_q.dtype == torch.int32
     assert batch["max_length_q"] == int(max_q) == 17 and batch["max_length_k"] == int(max_k)
+    # Several packed rows: the offsets run over the flattened batch, pad tails included.
+    batch = pack_examples(_rows(), max_row_tokens=17, flash_attention_kwargs=True)
+    (cu_q, _), (max_q, _) = prepare_fa_kwargs_from_position_ids(batch["position_ids"])
+    assert batch["cu_seq_lens_q"].tolist() == cu_q.tolist() == [0, 17, 28, 34]
+    assert batch["max_length_q"] == int(max_q) == 17
 
 
 def test_bad_rows_are_clear_errors():
@@ -129,19 +151,20 @@ def _alone_loss_sum(model, ex: Example) -> torch.Tensor:
     return model(input_ids=ids, labels=labels, use_cache=False).loss * n
 
 
+LAYOUTS = {"one_row": None, "rows_of_17": 17}  # 17 = the longest example: rows [17], [11, 6]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 @pytest.mark.parametrize("arch", list(BUILDERS))
-def test_packed_rows_give_each_rows_loss_and_gradient(arch, attention):
+def test_packed_rows_give_each_rows_loss_and_gradient(arch, attention, layout):
     model = _model(arch, attention)
     params = [p for p in model.parameters() if p.requires_grad]
     rows = _rows()
-    batch = pack_examples(rows)
+    batch = pack_examples(rows, pad_id=0, max_row_tokens=LAYOUTS[layout])
     logits = model(**model_inputs(batch), use_cache=False).logits
-    start = 0
-    for ex in rows:
-        n = len(ex.input_ids)
-        packed_row = token_loss_sum_from_logits(logits[0, start:start + n], batch["shift_labels"][0, start:start + n])
-        start += n
+    for ex, (r, start, n) in zip(rows, batch["row_spans"].tolist(), strict=True):
+        packed_row = token_loss_sum_from_logits(logits[r, start:start + n], batch["shift_labels"][r, start:start + n])
         packed_grads = torch.autograd.grad(packed_row, params, retain_graph=True)
         alone = _alone_loss_sum(model, ex)
         alone_grads = torch.autograd.grad(alone, params)
@@ -150,11 +173,12 @@ def test_packed_rows_give_each_rows_loss_and_gradient(arch, attention):
             torch.testing.assert_close(g_packed, g_alone, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("arch", list(BUILDERS))
-def test_packed_loss_sum_equals_the_padded_batch_and_hf_loss(arch):
+def test_packed_loss_sum_equals_the_padded_batch_and_hf_loss(arch, layout):
     model = _model(arch, "sdpa")
     rows = _rows(seed=1)
-    packed, padded = pack_examples(rows), collate(rows, pad_id=0)
+    packed, padded = pack_examples(rows, max_row_tokens=LAYOUTS[layout]), collate(rows, pad_id=0)
     assert count_loss_tokens(packed) == count_loss_tokens(padded)
     with torch.no_grad():
         packed_sum = token_loss_sum_from_logits(model(**model_inputs(packed), use_cache=False).logits,
@@ -167,30 +191,32 @@ def test_packed_loss_sum_equals_the_padded_batch_and_hf_loss(arch):
     torch.testing.assert_close(packed_sum / count_loss_tokens(packed), hf_mean, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 @pytest.mark.parametrize("arch", list(BUILDERS))
-def test_no_token_attends_across_rows(arch, attention):
+def test_no_token_attends_across_rows(arch, attention, layout):
+    """Change one example's tokens: every other example's logits stay exactly the same (masked
+    keys get weight 0, not ~0), in both directions (an earlier example changing a later one
+    is what causality alone would allow), and the changed one's do change."""
     model = _model(arch, attention)
     rows = _rows(seed=2)
-    lengths = [len(ex.input_ids) for ex in rows]
-    first, second = lengths[0], lengths[0] + lengths[1]
 
-    def logits_of(examples):
+    def logits_by_example(examples):
+        batch = pack_examples(examples, max_row_tokens=LAYOUTS[layout])
         with torch.no_grad():
-            return model(**model_inputs(pack_examples(examples)), use_cache=False).logits[0]
+            logits = model(**model_inputs(batch), use_cache=False).logits
+        return [logits[r, start:start + n] for r, start, n in batch["row_spans"].tolist()]
 
-    def changed(ex: Example) -> Example:
-        return Example([(t + 7) % 256 for t in ex.input_ids], ex.labels)
-
-    base = logits_of(rows)
-    # Row 2 perturbed: rows 1 and 3 unchanged, exactly (masked keys get weight 0, not ~0).
-    after = logits_of([rows[0], changed(rows[1]), rows[2]])
-    assert torch.equal(after[:first], base[:first])
-    assert torch.equal(after[second:], base[second:])
-    assert not torch.equal(after[first:second], base[first:second])  # the change did reach row 2
-    # Row 1 perturbed: the later rows unchanged (causality alone would not give this).
-    after = logits_of([changed(rows[0]), rows[1], rows[2]])
-    assert torch.equal(after[first:], base[first:])
+    base = logits_by_example(rows)
+    for j in range(len(rows)):
+        changed = list(rows)
+        changed[j] = Example([(t + 7) % 256 for t in rows[j].input_ids], rows[j].labels)
+        after = logits_by_example(changed)
+        for i in range(len(rows)):
+            if i == j:
+                assert not torch.equal(after[i], base[i])
+            else:
+                assert torch.equal(after[i], base[i]), (j, i)
 
 
 def test_mistral_window_is_active_in_these_tests():

@@ -350,10 +350,12 @@ def count_loss_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def count_input_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Real (non-padding) tokens the model reads: the attention mask's ones for a padded batch,
-    every position of a packed one (it has no padding and no attention mask)."""
+    """Real (non-padding) tokens in a batch: the attention mask's ones for a padded batch, the
+    examples' lengths for a packed one (``trainer.packing.pack_examples``)."""
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
+    if "row_spans" in batch:
+        return int(batch["row_spans"][:, 2].sum())
     return int(batch["input_ids"].numel())
 
 

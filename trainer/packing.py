@@ -56,18 +56,50 @@ MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids",
                     "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
-def pack_examples(examples: list[Example], flash_attention_kwargs: bool = False) -> dict[str, torch.Tensor | int]:
-    """One packed micro-batch of ``examples``: every tensor is ``[1, L]``, ``L`` = total tokens.
+def pack_rows(lengths: list[int], max_row_tokens: int | None) -> list[list[int]]:
+    """Which examples share a packed row: first-fit decreasing into rows of at most
+    ``max(max_row_tokens, longest example)`` tokens (an example is never split); ``None``: one
+    row holding every example in order."""
+    if max_row_tokens is None:
+        return [list(range(len(lengths)))]
+    capacity = max(max_row_tokens, max(lengths))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
 
-    * ``input_ids``: the rows end to end;
-    * ``position_ids``: ``0 .. len(row) - 1`` for each row;
-    * ``labels``: the rows' labels with -100 at each row's first position;
-    * ``shift_labels``: ``labels`` moved one position left within each row, -100 at each
-      row's last position;
-    * ``row_lengths``: ``[n_rows]`` (for per-row losses and checks; not a model input);
-    * with ``flash_attention_kwargs``: ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (int32 row
-      offsets ``[0, l0, l0 + l1, ..., L]``) and ``max_length_q`` / ``max_length_k`` (Python
-      ints), which transformers' flash-attention path passes to the varlen kernel.
+
+def pack_examples(examples: list[Example], pad_id: int = 0, max_row_tokens: int | None = None,
+                  flash_attention_kwargs: bool = False) -> dict[str, torch.Tensor | int]:
+    """One packed micro-batch of ``examples``.
+
+    By default every example goes end to end into a single row: tensors ``[1, L]``, ``L`` =
+    total tokens. With ``max_row_tokens`` the examples are first-fit-decreasing packed into
+    ``k`` rows of at most that many tokens (``[k, W]``, ``W`` = the fullest row); the shorter
+    rows end in a pad tail, which is a segment of its own (positions from 0, labels -100), so
+    no real token attends to it. ``max_row_tokens = max(lengths)`` never computes more tokens,
+    nor more attention, than the padded batch of the same examples; one row costs the fewest
+    tokens but attention over all of them (an sdpa/eager mask is ``L x L``), which loses when
+    the rows are long and of equal length.
+
+    * ``input_ids``; ``position_ids``: ``0 .. len(example) - 1`` for each example (and each tail);
+    * ``labels``: the examples' labels with -100 at each example's first position;
+    * ``shift_labels``: ``labels`` moved one position left within each example, -100 at each
+      example's last position;
+    * ``row_spans``: ``[n_examples, 3]`` = (packed row, start, length) of each example, in the
+      order given (per-example losses, real-token counts; not a model input);
+    * with ``flash_attention_kwargs``: ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (int32 offsets of
+      every segment, tails included, over the flattened batch) and ``max_length_q`` /
+      ``max_length_k`` (Python ints), which transformers' flash-attention path passes to the
+      varlen kernel.
 
     No ``attention_mask``: its absence is what makes transformers look at ``position_ids``.
     """
@@ -79,21 +111,35 @@ def pack_examples(examples: list[Example], flash_attention_kwargs: bool = False)
             raise ValueError(f"pack_examples: example {i} has no tokens")
         if len(ex.labels) != n:
             raise ValueError(f"pack_examples: example {i} has {n} input ids but {len(ex.labels)} labels")
-    input_ids = torch.tensor([t for ex in examples for t in ex.input_ids], dtype=torch.long)
-    position_ids = torch.cat([torch.arange(n, dtype=torch.long) for n in lengths])
-    labels = torch.tensor([t for ex in examples for t in ex.labels], dtype=torch.long)
-    starts = torch.tensor([0, *lengths[:-1]], dtype=torch.long).cumsum(0)
-    labels[starts] = IGNORE_INDEX
+    groups = pack_rows(lengths, max_row_tokens)
+    width = max(sum(lengths[i] for i in g) for g in groups)
+    input_ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(groups), width), dtype=torch.long)
+    labels = torch.full((len(groups), width), IGNORE_INDEX, dtype=torch.long)
+    spans = torch.zeros((len(examples), 3), dtype=torch.long)
+    segments: list[int] = []  # every segment's length, row-major (for the flash offsets)
+    for r, group in enumerate(groups):
+        start = 0
+        for i in group:
+            n = lengths[i]
+            input_ids[r, start:start + n] = torch.tensor(examples[i].input_ids)
+            position_ids[r, start:start + n] = torch.arange(n)
+            labels[r, start + 1:start + n] = torch.tensor(examples[i].labels[1:])  # the first never counts
+            spans[i] = torch.tensor([r, start, n])
+            segments.append(n)
+            start += n
+        if start < width:  # the pad tail: its own segment, so nothing real attends to it
+            position_ids[r, start:] = torch.arange(width - start)
+            segments.append(width - start)
     shift_labels = torch.full_like(labels, IGNORE_INDEX)
-    shift_labels[:-1] = labels[1:]  # a row's last position now holds the next row's first label: -100
-    batch: dict[str, torch.Tensor | int] = {
-        "input_ids": input_ids[None], "position_ids": position_ids[None], "labels": labels[None],
-        "shift_labels": shift_labels[None], "row_lengths": torch.tensor(lengths, dtype=torch.long),
-    }
+    # Every segment starts with label -100, so each one's last position gets -100 here.
+    shift_labels[:, :-1] = labels[:, 1:]
+    batch: dict[str, torch.Tensor | int] = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels,
+                                            "shift_labels": shift_labels, "row_spans": spans}
     if flash_attention_kwargs:
-        offsets = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        offsets = torch.tensor([0, *segments], dtype=torch.int32).cumsum(0, dtype=torch.int32)
         batch.update(cu_seq_lens_q=offsets, cu_seq_lens_k=offsets.clone(),
-                     max_length_q=max(lengths), max_length_k=max(lengths))
+                     max_length_q=max(segments), max_length_k=max(segments))
     return batch
 
 
