@@ -27,6 +27,7 @@ from trainer.data import (
     plan_batches,
 )
 from trainer.packing import (
+    build_batch,
     model_inputs,
     pack_examples,
     packing_support,
@@ -94,6 +95,20 @@ def test_rows_packed_into_several_rows_by_hand():
     assert count_input_tokens(batch) == 9  # the pad tail is not a real token
     # A budget below the longest example: that example gets a row of its own, never split.
     assert pack_examples(rows, max_row_tokens=1)["input_ids"].shape == (3, 4)
+
+
+def test_build_batch_packs_into_rows_of_the_longest_example():
+    rows = _rows()  # 11, 6 and 17 tokens
+    packed = build_batch(rows, pad_id=0, packing=True)
+    assert packed["input_ids"].shape == (2, 17) and "attention_mask" not in packed  # [17], [11 + 6]
+    assert packed["position_ids"][1].tolist() == list(range(11)) + list(range(6))
+    padded = build_batch(rows, pad_id=0, packing=False)
+    assert padded["input_ids"].shape == (3, 17) and "attention_mask" in padded
+    # Rows of equal length: packed is the padded batch without the mask (each row its own).
+    same = [Example([1, 2, 3], [1, 2, 3]), Example([4, 5, 6], [4, 5, 6])]
+    batch = build_batch(same, pad_id=0, packing=True)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 5, 6]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 1, 2]]
 
 
 def test_padded_collate_keeps_its_keys_and_adds_shift_labels_by_hand():

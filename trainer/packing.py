@@ -32,6 +32,23 @@ and ``trainer.data.count_loss_tokens`` counts the same labels in both layouts. T
 ``labels`` also carry -100 at each row's first position (that label never counts: nothing
 predicts it), so the classic shift ``labels[:, 1:]`` of a packed batch equals its
 ``shift_labels`` too, and HF's own ``model(..., labels=labels)`` loss is right for it.
+
+How the training loop uses this (the call contract)::
+
+    layout = resolve_layout(cfg.packing, cfg.group_by_length, model)  # log layout.reason once
+    rows = plan[step]                                                 # the seeded plan, unchanged
+    if layout.group_by_length:
+        rows = group_by_length(rows, sources)                         # trainer.data
+    for mb in micro_batches(rows, ...):
+        batch = build_batch([sources[s][i] for s, i in mb], pad_id, layout.packing)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        logits = model(**model_inputs(batch), use_cache=False).logits  # packed: no attention_mask
+        loss_sum = token_loss_sum_from_logits(logits, batch["shift_labels"])
+    # normalise by sum(count_loss_tokens(b)) over the global batch, as before; real tokens for
+    # tokens/s: sum(count_input_tokens(b)) (both in trainer.data)
+
+A fused head takes the body's hidden states from the same ``model_inputs`` and the same
+``shift_labels``. The Fisher pass keeps padded batches (``collate``: it reads ``attention_mask``).
 """
 from __future__ import annotations
 
@@ -41,7 +58,7 @@ import torch
 from torch import nn
 
 from trainer.config import ConfigError
-from trainer.data import IGNORE_INDEX, Example
+from trainer.data import IGNORE_INDEX, Example, collate
 
 # Architectures whose packed forward this repository checked, by probe and by the loss and
 # gradient tests of tests/test_packing.py (transformers 5.24): same logits as each row alone,
@@ -141,6 +158,21 @@ def pack_examples(examples: list[Example], pad_id: int = 0, max_row_tokens: int 
         batch.update(cu_seq_lens_q=offsets, cu_seq_lens_k=offsets.clone(),
                      max_length_q=max(segments), max_length_k=max(segments))
     return batch
+
+
+def build_batch(examples: list[Example], pad_id: int, packing: bool) -> dict[str, torch.Tensor | int]:
+    """A micro-batch as the training loop should build it: packed into rows of at most the
+    longest example's length when ``packing`` (never more tokens nor more attention than the
+    padded batch, and no tokens spent on padding beyond the rows' tails), else padded.
+
+    Why not always one ``[1, L]`` row: an sdpa/eager mask over L tokens makes attention cost
+    grow with L^2; at SmolLM2-135M's shape (width 576, 30 layers) eight rows of 512 in one row
+    would spend about as much on attention as on every matmul of the model (12 L H Q T against
+    6 N FLOPs per token), where rows of 512 spend an eighth of that.
+    """
+    if packing:
+        return pack_examples(examples, pad_id=pad_id, max_row_tokens=max(len(ex.input_ids) for ex in examples))
+    return collate(examples, pad_id)
 
 
 def model_inputs(batch: dict) -> dict:
