@@ -50,9 +50,9 @@ On CUDA (``bench/gpu_check.sh``) only bf16 at 8 x 512 runs, with HF Trainer + Li
 """
 from __future__ import annotations
 
-import inspect
 import json
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -230,14 +230,15 @@ def _our_config(values: dict) -> dict:
 
 
 def packing_wired() -> bool:
-    """Whether the training loop calls trainer.packing (read from its source: a packed run on a
-    loop that ignores the key would silently time padded batches)."""
-    import trainer.loop
+    """Whether the training loop uses trainer.packing: some trainer module other than packing.py
+    imports it (read from the sources: a packed run on a loop that ignores the key would
+    silently time padded batches)."""
+    import trainer
 
-    try:
-        return "pack_examples" in inspect.getsource(trainer.loop)
-    except OSError:
-        return False
+    imports = re.compile(r"^\s*(from trainer\.packing import|import trainer\.packing|from trainer import .*\bpacking\b)",
+                         re.MULTILINE)
+    return any(imports.search(path.read_text(encoding="utf-8"))
+               for path in Path(trainer.__file__).parent.glob("*.py") if path.name != "packing.py")
 
 
 def run_ours(model_dir: Path, data: Path, out: Path, case: Case, steps: int, device: torch.device,
