@@ -1,4 +1,4 @@
-"""``python -m bench [lora|fisher|ewc|e2e|all] [--device cpu|cuda] [--quick]``
+"""``python -m bench [lora|fisher|ewc|e2e|all] [--device cpu|cuda] [--quick] [--shape smollm2-135m]``
 
 Runs the chosen benchmarks, appends their rows to ``bench/results/<device>-<date>.csv``
 (``<device>-<date>-quick.csv`` with ``--quick``),
@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="where the CSV and PNGs go (default: bench/results)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    parser.add_argument("--shape", default=None, choices=("llama-4x512", "smollm2-135m"),
+                        help="e2e only: the model shape (default llama-4x512, issue 4's; smollm2-135m: issue 13's)")
     return parser.parse_args(argv)
 
 
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: --device cuda but torch sees no CUDA device; use --device cpu", file=sys.stderr)
         return 2
     ctx = harness.BenchContext(device=torch.device(args.device), quick=args.quick,
-                               warmup=1 if args.quick else 2, repeats=args.repeats or (3 if args.quick else 7))
+                               warmup=1 if args.quick else 2, repeats=args.repeats or (3 if args.quick else 7),
+                               shape=args.shape)
     print(f"bench: {ctx.device_name}, torch {torch.__version__}, version {ctx.version}, "
           f"{'quick' if args.quick else 'full'} run, started {ctx.timestamp}", flush=True)
     targets: list[harness.Target] = []

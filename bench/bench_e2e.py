@@ -31,17 +31,23 @@ import torch
 
 from bench.bench_fisher import summed_nll
 from bench.bench_lora import StepShape, build_llama
+from bench.e2e_smollm2 import TARGETS as TARGETS_ISSUE13
 from bench.harness import BenchContext, Provider, Quantiles, Target, TensorMemoryTracker, measure
 
 KERNEL_LORA = "e2e_lora"
 KERNEL_FISHER = "e2e_fisher"
+# --shape: the 4-layer, 512-wide Llama of issue 4 (the default), or SmolLM2-135M's shape
+# (bench/e2e_smollm2.py, issue 13).
+DEFAULT_SHAPE = "llama-4x512"
+SHAPES = (DEFAULT_SHAPE, "smollm2-135m")
 
-TARGETS = [
+TARGETS_ISSUE4 = [
     Target("issue 4: trainer LoRA run tokens/s >= 1.0x HF Trainer + PEFT, dropout 0", KERNEL_LORA, "throughput",
            "hf_trainer", config_contains="dropout=0.0 ", min_ratio=1.0),
     Target("issue 4: trainer LoRA run tokens/s >= 1.0x HF Trainer + PEFT, dropout 0.05", KERNEL_LORA,
            "throughput", "hf_trainer", config_contains="dropout=0.05", min_ratio=1.0),
 ]
+TARGETS = TARGETS_ISSUE4 + TARGETS_ISSUE13
 
 
 def e2e_shape(ctx: BenchContext) -> StepShape:
@@ -85,8 +91,17 @@ def run_ours(model_dir: Path, data: Path, out: Path, s: StepShape, steps: int, d
 
 def run_hf(model_dir: Path, data: Path, out: Path, s: StepShape, steps: int, dropout: float,
            device: torch.device, on_step=None) -> None:
+    hf_trainer_run(model_dir, data, out, batch=s.batch, seq=s.seq, steps=steps, device=device, lora_r=s.r,
+                   dropout=dropout, bf16=False, on_step=on_step)
+
+
+def hf_trainer_run(model_dir: Path, data: Path, out: Path, *, batch: int, seq: int, steps: int, device: torch.device,
+                   lora_r: int | None, dropout: float, bf16: bool, on_step=None, liger: bool = False) -> None:
+    """``transformers.Trainer`` on ``text`` rows cut to ``seq`` tokens: over PEFT LoRA
+    (``all-linear``, alpha = 2r) when ``lora_r`` is set, else full fine-tuning; ``bf16`` is HF's
+    mixed precision (fp32 master weights, bf16 autocast; on CPU too); ``liger`` applies
+    Liger-Kernel (fused linear cross-entropy among others) through ``use_liger_kernel``."""
     from datasets import load_dataset
-    from peft import LoraConfig, get_peft_model
     from transformers import (
         AutoModelForCausalLM,
         AutoTokenizer,
@@ -98,11 +113,14 @@ def run_hf(model_dir: Path, data: Path, out: Path, s: StepShape, steps: int, dro
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=s.r, lora_alpha=2 * s.r, lora_dropout=dropout,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    if lora_r is not None:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=dropout,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
 
     def tokenize(row):
-        ids = tokenizer(row["text"], truncation=True, max_length=s.seq)["input_ids"]
+        ids = tokenizer(row["text"], truncation=True, max_length=seq)["input_ids"]
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
 
     dataset = load_dataset("json", data_files=str(data), split="train").map(tokenize, remove_columns=["text"])
@@ -112,11 +130,11 @@ def run_hf(model_dir: Path, data: Path, out: Path, s: StepShape, steps: int, dro
             if on_step:
                 on_step()
 
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=s.batch, max_steps=steps,
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch, max_steps=steps,
                              learning_rate=1e-4, lr_scheduler_type="linear", max_grad_norm=1.0, weight_decay=0.0,
                              save_strategy="no", eval_strategy="no", report_to="none", logging_steps=1000,
                              disable_tqdm=True, dataloader_num_workers=0, use_cpu=device.type == "cpu",
-                             seed=0, bf16=False)
+                             seed=0, bf16=bf16, use_liger_kernel=liger)
     Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
             callbacks=[StepClock()]).train()
 
@@ -226,14 +244,22 @@ def bench_fisher_pass(ctx: BenchContext, root: Path) -> None:
 
 
 def run(ctx: BenchContext) -> None:
+    shape = getattr(ctx, "shape", None) or DEFAULT_SHAPE
+    if shape not in SHAPES:
+        raise ValueError(f"e2e: unknown --shape {shape!r} (known: {', '.join(SHAPES)})")
     with tempfile.TemporaryDirectory(prefix="forgetless-bench-") as tmp:
         root = Path(tmp)
         try:
             import trainer.loop  # noqa: F401
         except Exception as exc:
-            ctx.note(f"e2e: the trainer (trainer.loop) is not importable, LoRA run skipped ({exc})")
-        else:
-            bench_lora_run(ctx, root)
+            ctx.note(f"e2e: the trainer (trainer.loop) is not importable, skipped ({exc})")
+            return
+        if shape == "smollm2-135m":
+            from bench import e2e_smollm2
+
+            e2e_smollm2.run(ctx, root)
+            return
+        bench_lora_run(ctx, root)
         try:
             import trainer.fisher  # noqa: F401
         except Exception as exc:

@@ -45,9 +45,10 @@ CSV_COLUMNS = (
     "p50", "p20", "p80", "config", "device", "timestamp", "version",
 )
 # Units of each metric, as written in the CSV (documented in bench/README.md).
-METRIC_UNITS = {"time": "ms", "memory": "MiB", "throughput": "tokens/s", "rel_error": "|F-F*|/|F*|"}
+METRIC_UNITS = {"time": "ms", "memory": "MiB", "throughput": "tokens/s", "rel_error": "|F-F*|/|F*|",
+                "gflops": "GFLOP/s", "peak_share": "share of the GEMM peak"}
 # For these metrics a larger value is better; for the others a smaller one.
-HIGHER_IS_BETTER = {"throughput"}
+HIGHER_IS_BETTER = {"throughput", "gflops", "peak_share"}
 OURS = "ours"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -107,6 +108,7 @@ class BenchContext:
     quick: bool
     warmup: int = 2
     repeats: int = 7
+    shape: str | None = None  # e2e only: which model shape (None = the suite's default)
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     timestamp: str = field(default_factory=lambda: _dt.datetime.now().isoformat(timespec="seconds"))

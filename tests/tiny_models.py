@@ -7,6 +7,9 @@ weights, and returns the model in eval mode with fp32 weights.
 * :func:`tiny_llama`  - ``LlamaForCausalLM``: bias-free ``nn.Linear`` q/k/v/o and a SwiGLU MLP.
 * :func:`tiny_qwen2`  - ``Qwen2ForCausalLM``: like Llama but q/k/v carry a bias.
 * :func:`tiny_gpt2`   - ``GPT2LMHeadModel``: GPT-2 ``Conv1D`` layers (weight stored ``[in, out]``).
+* :func:`tiny_mistral` - ``MistralForCausalLM``: Llama-like with a sliding attention window (8).
+* :func:`tiny_opt`    - ``OPTForCausalLM``: learned positions taken from the attention mask, not
+  from ``position_ids`` (the packing tests' example of a model that cannot take packed rows).
 * :func:`tiny_tokenizer` - byte-level ``PreTrainedTokenizerFast`` (256 byte tokens + specials),
   so any text round-trips; its vocabulary size is :data:`TINY_VOCAB_SIZE`.
 
@@ -23,6 +26,10 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -78,6 +85,23 @@ def tiny_qwen2(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
             if isinstance(module, torch.nn.Linear) and module.bias is not None:
                 module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
     return model
+
+
+def tiny_mistral(seed: int = 0, sliding_window: int | None = 8, **overrides) -> MistralForCausalLM:
+    """A 2-layer, 48-wide random Mistral whose sliding window (8) is shorter than test rows."""
+    fields = _llama_like_fields(overrides)
+    fields.setdefault("head_dim", fields["hidden_size"] // fields["num_attention_heads"])
+    return _build(MistralForCausalLM, MistralConfig(sliding_window=sliding_window, **fields), seed)
+
+
+def tiny_opt(seed: int = 0, **overrides) -> OPTForCausalLM:
+    """A 2-layer, 48-wide random OPT (positions from the attention mask's cumulative sum)."""
+    fields = dict(vocab_size=TINY_VOCAB_SIZE, hidden_size=48, ffn_dim=72, num_hidden_layers=2,
+                  num_attention_heads=4, word_embed_proj_dim=48, max_position_embeddings=128,
+                  pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, dropout=0.0,
+                  attention_dropout=0.0)
+    fields.update(overrides)
+    return _build(OPTForCausalLM, OPTConfig(**fields), seed)
 
 
 def tiny_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:

@@ -49,6 +49,10 @@ class TrainConfig:
                                        "'self' = the base model's own answers to a prompt bank (see self_replay_*)")
     replay_ratio: float = _f(0.0, "share of training examples drawn from replay_data (0 = no replay)")
     max_length: int = _f(256, "tokens per example; longer rows are truncated (and counted in the log)")
+    packing: str = _f("auto", "padding-free batches (rows end to end, position ids restarting per row): auto (where "
+                      "trainer.packing verified the model) | true | false", ("auto", "true", "false"))
+    group_by_length: bool = _f(False, "padded batches: sort each global batch's rows by length before the micro-batches "
+                               "(less padding; packing=auto turns it on where it cannot pack)")
     # --- batch and schedule ----------------------------------------------------------------
     output_dir: str = _f("runs/latest", "where the model/adapter, checkpoints, metrics and reports go")
     seed: int = _f(0, "seed for init, data order, replay mixing and dropout")

@@ -318,7 +318,13 @@ def micro_batches(global_batch: list, per_device: int, accumulation: int, rank: 
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: input_ids, attention_mask, labels (-100 on padding)."""
+    """Right-pad to the longest example: input_ids, attention_mask, labels (-100 on padding) and
+    shift_labels.
+
+    ``shift_labels[i, t]`` is the label of position ``t + 1`` of row ``i`` (-100 in the last
+    column), so the loss is ``sum CE(logits[i, t], shift_labels[i, t])`` over every position,
+    the same formula as for a packed batch (:func:`trainer.packing.pack_examples`).
+    """
     import torch  # here, so that checking a config or a data file does not pay for importing torch
 
     width = max(len(ex.input_ids) for ex in examples)
@@ -330,12 +336,40 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.tensor(ex.input_ids)
         mask[i, :n] = 1
         labels[i, :n] = torch.tensor(ex.labels)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    shift_labels = torch.full_like(labels, IGNORE_INDEX)
+    shift_labels[:, :-1] = labels[:, 1:]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "shift_labels": shift_labels}
 
 
 def count_loss_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Labels that enter the loss: every non-ignored label after the first position."""
+    """Labels that enter the loss: the non-ignored ``shift_labels`` (padded and packed batches
+    alike); for a batch without them, every non-ignored label after the first position."""
+    if "shift_labels" in batch:
+        return int((batch["shift_labels"] != IGNORE_INDEX).sum())
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def count_input_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (non-padding) tokens in a batch: the attention mask's ones for a padded batch, the
+    examples' lengths for a packed one (``trainer.packing.pack_examples``)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    if "row_spans" in batch:
+        return int(batch["row_spans"][:, 2].sum())
+    return int(batch["input_ids"].numel())
+
+
+def group_by_length(global_batch: list[tuple[int, int]], sources: dict[int, list[Example]]) -> list[tuple[int, int]]:
+    """The rows of one global batch, longest first (ties keep their planned order).
+
+    Applied to each global batch *before* :func:`micro_batches` splits it, so rows of similar
+    length share a micro-batch and pay for less padding. It only reorders a batch of the plan:
+    every row stays exactly once, the replay count of the batch is unchanged, and the plan
+    (a pure function of the seed) still decides which rows a step trains on, so resume and
+    the loss (summed over the global batch, then divided by its labelled-token count) are
+    unchanged too.
+    """
+    return sorted(global_batch, key=lambda row: -len(sources[row[0]][row[1]].input_ids))
 
 
 def pad_id_of(tokenizer) -> int:
