@@ -100,7 +100,9 @@ class TrainConfig:
     # --- logging and hardware --------------------------------------------------------------
     logging_steps: int = _f(1, "write metrics.jsonl every N steps")
     report_to: str = _f("none", "none | tensorboard", ("none", "tensorboard"))
-    bf16: str = _f("auto", "bf16 autocast: auto (on when CUDA supports it) | true | false", ("auto", "true", "false"))
+    bf16: str = _f("auto", "bf16 autocast: auto (on with CUDA bf16, or a CPU with AVX512_BF16/AMX and a model over 20M parameters) | true | false", ("auto", "true", "false"))
+    fused_head: bool = _f(True, "LM head + loss without the [tokens, vocab] logits (kernels.linear_cross_entropy); "
+                          "where the model's head is not a plain linear map its own logits are used (logged)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     fsdp: bool = _f(False, "shard full fine-tuning with FSDP2 (fully_shard) under torchrun")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")

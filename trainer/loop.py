@@ -6,7 +6,7 @@ the step is the sum of token losses over the whole global batch divided by its c
 labelled tokens, so accumulation and the number of processes change nothing but speed.
 
 :func:`train` reads as the list of its phases; each phase is one function below it (torchtune's
-setup/train split): ``read_data`` -> ``load_model`` -> ``tokenize_data`` -> ``prepare_method``
+setup/train split): ``read_data`` -> ``load_model`` -> ``self_replay`` -> ``tokenize_data`` -> ``prepare_method``
 -> ``build_optimizer`` -> ``plan_run`` -> ``restore`` -> the step loop (``train_step``,
 ``validate``) -> ``finish``. A new part of a run is one new function and one line in ``train``.
 """
@@ -19,7 +19,7 @@ import random
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,13 +28,15 @@ from tqdm.auto import tqdm
 
 from trainer import checkpoint as ckpt
 from trainer import distributed as D
-from trainer.config import ConfigError, TrainConfig, save_yaml
+from trainer.config import SELF_REPLAY, ConfigError, TrainConfig, save_yaml
 from trainer.data import (
     REPLAY,
     Example,
     TokenizedSet,
     collate,
+    count_input_tokens,
     count_loss_tokens,
+    group_by_length,
     micro_batches,
     pad_id_of,
     plan_batches,
@@ -43,8 +45,9 @@ from trainer.data import (
     steps_for,
     tokenize_file,
 )
-from trainer.loss import token_loss_sum, validation_loss
+from trainer.loss import Head, choose_head, to_device, validation_loss
 from trainer.methods import Method, build_method, fisher_key, load_fisher_file
+from trainer.packing import BatchLayout, build_batch, resolve_layout
 
 __all__ = ["TrainResult", "TrainingDiverged", "train", "load_model", "lr_at"]
 
@@ -119,10 +122,22 @@ def _log(text: str, ctx: D.DistContext) -> None:
 # ---------------------------------------------------------------------------- the phases
 
 
-def bf16_autocast(cfg: TrainConfig, device: torch.device) -> tuple[bool, Callable]:
-    """Whether the run uses bf16 autocast, and a context-manager factory for its forwards."""
-    use_bf16 = cfg.bf16 == "true" or (cfg.bf16 == "auto" and device.type == "cuda"
-                                       and torch.cuda.is_bf16_supported())
+def bf16_autocast(cfg: TrainConfig, device: torch.device, model: nn.Module) -> tuple[bool, Callable]:
+    """Whether the run uses bf16 autocast, and a context-manager factory for its forwards.
+
+    ``auto`` turns it on where bf16 matmuls are native: CUDA devices that support bf16, and
+    CPUs with AVX512_BF16 or AMX-BF16 (``kernels.backend.cpu_has_native_bf16`` reads the CPU's
+    flags; without them bf16 is emulated and slower than fp32) for models of at least
+    ``SMALL_MODEL_PARAMS`` parameters: below that a CPU matmul takes microseconds and the casts
+    autocast adds cost more than bf16 saves (and the demo's numbers stay the fp32 ones).
+    Master weights, optimizer state, the loss reduction and the Fisher stay fp32 either way."""
+    from kernels.backend import SMALL_MODEL_PARAMS, cpu_has_native_bf16
+
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:
+        native = cpu_has_native_bf16() and sum(p.numel() for p in model.parameters()) >= SMALL_MODEL_PARAMS
+    use_bf16 = cfg.bf16 == "true" or (cfg.bf16 == "auto" and native)
     if not use_bf16:
         return False, contextlib.nullcontext
     return True, lambda: torch.autocast(device.type, dtype=torch.bfloat16)
@@ -130,18 +145,39 @@ def bf16_autocast(cfg: TrainConfig, device: torch.device) -> tuple[bool, Callabl
 
 def fisher_data_path(cfg: TrainConfig) -> str | None:
     """The general data the method's Fisher is estimated on (None when the method has no penalty)."""
-    if cfg.method not in ("ewc", "lora_ewc"):
+    if cfg.method not in ("ewc", "lora_ewc") or cfg.fisher_path:
         return None
-    path = cfg.fisher_data or cfg.replay_data
-    if not path and not cfg.fisher_path:
-        raise ConfigError(f"method={cfg.method} needs fisher_data (or replay_data) for the Fisher")
-    return path
+    # With no general data at all, the base's own answers (self-replay) stand in for it.
+    return cfg.fisher_data or cfg.replay_data or SELF_REPLAY
 
 
 def read_data(cfg: TrainConfig) -> dict[str, list[dict]]:
     """Every JSONL file the run reads, checked row by row before the model loads (bad rows fail fast)."""
     wanted = [cfg.data, cfg.eval_data, cfg.replay_data if cfg.replay_ratio > 0 else None, fisher_data_path(cfg)]
-    return {path: read_jsonl(path) for path in dict.fromkeys(p for p in wanted if p)}
+    return {path: read_jsonl(path) for path in dict.fromkeys(p for p in wanted if p and p != SELF_REPLAY)}
+
+
+def self_replay(cfg: TrainConfig, model: nn.Module, tokenizer, rows: dict[str, list[dict]],
+                ctx: D.DistContext) -> TrainConfig:
+    """``replay_data=self`` (or a penalty with no general data): the base model answers the prompt
+    bank (``trainer.self_replay``, cached), and its chats become the replay and Fisher data.
+    Returns the config with that file in place of ``self``; ``rows`` gains its rows."""
+    wants_replay = cfg.replay_data == SELF_REPLAY and cfg.replay_ratio > 0
+    wants_fisher = fisher_data_path(cfg) == SELF_REPLAY
+    if not (wants_replay or wants_fisher):
+        return cfg
+    from trainer.self_replay import self_replay_from_config
+
+    for turn in (0, 1):  # rank 0 generates (and fills the cache); the others then read the cache
+        if (turn == 0) == ctx.is_main:
+            path, _ = self_replay_from_config(cfg, model, tokenizer, log=lambda text: _log(text, ctx))
+        D.barrier(ctx)
+    rows[str(path)] = read_jsonl(path)
+    changes = {"replay_data": str(path)} if cfg.replay_data == SELF_REPLAY else {}
+    if wants_fisher:
+        changes["fisher_data"] = str(path)
+        _log(f"fisher: no general data given; estimated on the base model's own answers ({path})", ctx)
+    return replace(cfg, **changes)
 
 
 def load_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, object]:
@@ -323,6 +359,8 @@ class Run:
     params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
     autocast: Callable
+    head: Head
+    layout: BatchLayout
     data: RunData
     plan: BatchPlan
     state: ckpt.TrainerState
@@ -353,20 +391,21 @@ def train_step(run: Run, step: int) -> dict:
         group["lr"] = lr
     rows = run.plan.batches[step]
     n_replay_rows = sum(1 for kind, _ in rows if kind == REPLAY)
+    if run.layout.group_by_length:
+        rows = group_by_length(rows, run.plan.sources)
     micros = micro_batches(rows, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
                            ctx.rank, ctx.world_size)
-    batches = [{k: v.to(ctx.device) for k, v in collate([run.plan.sources[s][i] for s, i in mb], run.pad_id).items()}
-               for mb in micros]
+    batches = [to_device(build_batch([run.plan.sources[s][i] for s, i in mb], run.pad_id, run.layout.packing),
+                         ctx.device) for mb in micros]
     # Normalise by the labelled tokens of the whole global batch (all micro-batches, all ranks).
-    counts = torch.tensor([sum(count_loss_tokens(b) for b in batches),
-                           sum(int(b["attention_mask"].sum()) for b in batches)],
+    counts = torch.tensor([sum(count_loss_tokens(b) for b in batches), sum(count_input_tokens(b) for b in batches)],
                           dtype=torch.float64, device=ctx.device)
     D.all_reduce_sum(counts, ctx)
     n_loss_tokens, n_tokens = float(counts[0]), int(counts[1])
     loss_total = torch.zeros((), dtype=torch.float64, device=ctx.device)
     for i, batch in enumerate(batches):
         with D.no_sync(model, skip_sync=i < len(batches) - 1):
-            loss_sum = token_loss_sum(model, batch, run.autocast)
+            loss_sum = run.head.loss_sum(model, batch, run.autocast)
             # DDP averages gradients over ranks, hence the world_size factor.
             (loss_sum * (ctx.world_size / max(n_loss_tokens, 1.0))).backward()
         loss_total += loss_sum.detach().double()
@@ -399,7 +438,7 @@ def validate(run: Run, record: dict) -> None:
                                     or state.step == run.plan.total_steps):
         return
     eval_loss = validation_loss(run.model, run.data.val.examples, cfg.per_device_eval_batch_size, run.pad_id,
-                                run.ctx, run.autocast)
+                                run.ctx, run.autocast, run.head, run.layout.packing)
     record["eval_loss"] = eval_loss
     run.result.eval_losses[state.step] = eval_loss
     if state.best_eval_loss is None or eval_loss < state.best_eval_loss:
@@ -481,28 +520,35 @@ def train(cfg: TrainConfig, on_step_end: Callable[[int, dict], None] | None = No
         save_yaml(cfg, out_dir / "config.yaml")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    use_bf16, autocast = bf16_autocast(cfg, ctx.device)
 
     rows = read_data(cfg)
     model, tokenizer = load_model(cfg, ctx.device)
+    use_bf16, autocast = bf16_autocast(cfg, ctx.device, model)
     pad_id = pad_id_of(tokenizer)
+    cfg = self_replay(cfg, model, tokenizer, rows, ctx)
     data = tokenize_data(cfg, tokenizer, rows, ctx)
     method = prepare_method(cfg, model, tokenizer, rows, pad_id, out_dir, ctx)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    head = choose_head(model, data.task.examples[0], pad_id, ctx.device, cfg.fused_head,
+                       sharded=cfg.fsdp and ctx.enabled)
+    if not head.fused:
+        _log(f"loss: the model's own logits ({head.reason})", ctx)
+    layout = resolve_layout(cfg.packing, cfg.group_by_length, model)
+    _log(f"batches: {layout.reason}", ctx)
     model.train()
     model = D.wrap_model(model, ctx, cfg.fsdp)
     params = [p for p in model.parameters() if p.requires_grad]
     _log(f"method: {cfg.method}; {sum(p.numel() for p in params):,} of "
          f"{sum(p.numel() for p in model.parameters()):,} parameters train; world size {ctx.world_size}; "
-         f"device {ctx.device}{' (bf16 autocast)' if use_bf16 else ''}", ctx)
+         f"device {ctx.device}; precision {'bf16 autocast' if use_bf16 else 'fp32'}", ctx)
     optimizer = build_optimizer(cfg, params)
     plan = plan_run(cfg, data, ctx)
     state, best_weights = restore(cfg, model, optimizer, out_dir, ctx)
     result = TrainResult(output_dir=out_dir, saved_to=None, steps=plan.total_steps, fisher_file=method.fisher_file)
     checkpoints = ckpt.list_checkpoints(out_dir)
     result.last_checkpoint = checkpoints[-1] if checkpoints else None
-    run = Run(cfg, ctx, out_dir, model, tokenizer, pad_id, method, params, optimizer, autocast, data, plan,
+    run = Run(cfg, ctx, out_dir, model, tokenizer, pad_id, method, params, optimizer, autocast, head, layout, data, plan,
               state, best_weights, MetricsLog(cfg, out_dir, state.step, ctx), result)
 
     t_loop = time.time()
