@@ -135,12 +135,16 @@ def _ce_torch(h, w, b, labels, valid, chunk_bytes, need_dh, need_dw, need_db):
     all_valid = bool(valid.all())
 
     def chunk_loss(start, stop, z, need_grad):
-        lse = torch.logsumexp(z, dim=1)
         lab, ok = safe[start:stop], valid[start:stop]
-        part = torch.where(ok, lse - z.gather(1, lab).squeeze(1), 0.0).sum()
+        target = z.gather(1, lab).squeeze(1)
+        # log-sum-exp by hand, in place: torch.logsumexp would allocate a [rows, V] temporary,
+        # and the exponentials are the softmax's numerators anyway.
+        top = z.amax(dim=1, keepdim=True)
+        total = z.sub_(top).exp_().sum(dim=1, keepdim=True)
+        part = torch.where(ok, (top + total.log()).squeeze(1) - target, 0.0).sum()
         if not need_grad:
             return part, None
-        g = z.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
+        g = z.div_(total)  # softmax, in place of the logits
         g.scatter_add_(1, lab, torch.full_like(lab, -1, dtype=g.dtype))
         if not all_valid:
             g.mul_(ok.unsqueeze(1))
