@@ -10,6 +10,10 @@ Two implementations of the same math, picked by :func:`kernels.backend.select`:
 * the **Triton path** (``kernels/lora_triton.py``): the LoRA term in the epilogue of the base
   GEMM, backward fused around ``dy B``.
 
+Precision: under autocast (CPU or CUDA) the op computes in the autocast dtype, as the
+``nn.Linear`` it replaces would: x, W and b are cast down, the fp32 A and B are cast down
+inside, and the gradients of A and B come back in fp32 (``kernels.backend.compute_dtype``).
+
 Memory: the autograd Function saves ``x`` (which the caller holds anyway), the weights and
 the small ``[M, r]`` product ``u = drop(x) Aᵀ``.  It never saves ``drop(x)`` or the dropout
 mask: the mask is regenerated in backward from ``seed`` (torch path: a ``torch.Generator``
