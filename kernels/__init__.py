@@ -5,16 +5,14 @@ Each op has a Triton kernel and a plain-torch path with the same math; ``kernels
 decides which one runs (compiled Triton on CUDA tensors, torch on CPU, the Triton
 interpreter when forced under ``TRITON_INTERPRET=1``).  This package imports nothing else
 of the project.
+
+The linear head's losses are imported from their module,
+``from kernels.linear_cross_entropy import linear_cross_entropy, ...``: exporting the function
+here under the module's own name would shadow the module.
 """
 from kernels.adamw_ewc import AdamWEWC, adamw_ewc_step
 from kernels.ewc import consolidate, ewc_step, lora_ewc_step, lora_fisher_penalty, online_update
 from kernels.fisher import linear_grad_and_fisher, linear_grad_and_fisher_
-from kernels.linear_cross_entropy import (
-    linear_cross_entropy,
-    linear_kl_divergence,
-    linear_kl_from_topk,
-    topk_log_probs,
-)
 from kernels.lora import lora_linear
 from kernels.lora_layers import LoRAConfig, LoRALinear, apply_lora, lora_modules, merge_lora
 from kernels.peft_format import AdapterFormatError, load_adapter, save_adapter
@@ -28,11 +26,8 @@ __all__ = [
     "apply_lora",
     "consolidate",
     "ewc_step",
-    "linear_cross_entropy",
     "linear_grad_and_fisher",
     "linear_grad_and_fisher_",
-    "linear_kl_divergence",
-    "linear_kl_from_topk",
     "load_adapter",
     "lora_ewc_step",
     "lora_fisher_penalty",
@@ -41,5 +36,4 @@ __all__ = [
     "merge_lora",
     "online_update",
     "save_adapter",
-    "topk_log_probs",
 ]

@@ -296,7 +296,7 @@ class AdamWEWC(torch.optim.Optimizer):
         """``lam/2 * sum F (p - p*)^2`` over the parameters with a Fisher, as an fp32 scalar
         (no graph), computed now from the current parameters: one read of p, p* and F, in
         cache-sized pieces.  Meant for logging every few steps, not every step."""
-        total = torch.zeros((), dtype=torch.float64)
+        totals: dict[torch.device, torch.Tensor] = {}  # one float64 sum per device, one sync at the end
         for group in self.param_groups:
             for p in group["params"]:
                 ewc = self._ewc.get(id(p))
@@ -304,11 +304,13 @@ class AdamWEWC(torch.optim.Optimizer):
                     continue
                 anchor, fisher = (t.view(-1) for t in ewc)
                 flat = p.detach().view(-1)
+                total = totals.setdefault(p.device, torch.zeros((), dtype=torch.float64, device=p.device))
                 for start in range(0, flat.numel(), TORCH_CHUNK):
                     stop = min(flat.numel(), start + TORCH_CHUNK)
                     diff = flat[start:stop].float() - anchor[start:stop].float()
-                    total += torch.dot(diff * fisher[start:stop].float(), diff).double().cpu()
-        return (total * (0.5 * self.lam)).float()
+                    total += torch.dot(diff * fisher[start:stop].float(), diff).double()
+        penalty = sum((t.cpu() for t in totals.values()), torch.zeros((), dtype=torch.float64))
+        return (penalty * (0.5 * self.lam)).float()
 
 
 # =========================================================================== compile test

@@ -105,6 +105,11 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.to(dtype)
 
 
+def _row_count(h: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    """The mean's denominator when every row counts (the public faces dropped the others)."""
+    return torch.tensor(float(h.shape[0]), dtype=loss.dtype, device=loss.device)
+
+
 def _loss_scale(grad_out: torch.Tensor, denominator: torch.Tensor | None) -> torch.Tensor:
     return grad_out if denominator is None else grad_out / denominator
 
@@ -245,14 +250,15 @@ def linear_cross_entropy(
         first = int(bad.nonzero()[0, 0])
         raise ValueError(f"linear_cross_entropy: label {int(labels[first])} at position {first} is outside "
                          f"[0, {vocab}) and is not ignore_index={ignore_index}")
-    return LinearCrossEntropyFunction.apply(hidden2, weight, bias, labels, int(ignore_index), reduction,
-                                            int(chunk_bytes or CHUNK_BYTES), torch.is_grad_enabled())
+    kept = _kept_rows("linear_cross_entropy", labels != ignore_index, labels.shape[0], hidden.device)
+    return LinearCrossEntropyFunction.apply(_rows(hidden2, kept), weight, bias, _rows(labels, kept), int(ignore_index),
+                                            reduction, int(chunk_bytes or CHUNK_BYTES), torch.is_grad_enabled())
 
 
 # =========================================================================== KL between two heads
 
 
-def _kl_torch(h, w, b, h_t, w_t, b_t, mask, kind, chunk_bytes, need_dh, need_dw, need_db):
+def _kl_torch(h, w, b, h_t, w_t, b_t, kind, chunk_bytes, need_dh, need_dw, need_db):
     acc = _acc_dtype(h.dtype)
     # Per logit: student and teacher logits in acc dtype, one acc temporary, and the two
     # heads' bf16 GEMM outputs under bf16.
@@ -263,22 +269,17 @@ def _kl_torch(h, w, b, h_t, w_t, b_t, mask, kind, chunk_bytes, need_dh, need_dw,
         log_ps = z.sub_(torch.logsumexp(z, dim=1, keepdim=True))
         log_pt = _logits(h_t[start:stop], w_t, b_t, acc)
         log_pt -= torch.logsumexp(log_pt, dim=1, keepdim=True)
-        m = mask[start:stop].unsqueeze(1)
         if kind == "forward":  # sum p_t (log p_t - log p_s); d/dz_s = p_s - p_t
             diff = log_pt - log_ps
             p_t = log_pt.exp_()
-            part = (diff.mul_(p_t).sum(1, keepdim=True) * m).sum()
+            part = diff.mul_(p_t).sum()
             del diff
-            g = log_ps.exp_().sub_(p_t) if need_grad else None
-        else:  # sum p_s (log p_s - log p_t); d/dz_s = p_s (log p_s - log p_t - KL)
-            r = log_ps - log_pt
-            p_s = log_ps.exp_()
-            rows_kl = torch.mul(p_s, r, out=log_pt).sum(1, keepdim=True)
-            part = (rows_kl * m).sum()
-            g = r.sub_(rows_kl).mul_(p_s) if need_grad else None
-        if g is not None:
-            g.mul_(m)
-        return part, g
+            return part, (log_ps.exp_().sub_(p_t) if need_grad else None)
+        # reverse: sum p_s (log p_s - log p_t); d/dz_s = p_s (log p_s - log p_t - KL)
+        r = log_ps - log_pt
+        p_s = log_ps.exp_()
+        rows_kl = torch.mul(p_s, r, out=log_pt).sum(1, keepdim=True)
+        return rows_kl.sum(), (r.sub_(rows_kl).mul_(p_s) if need_grad else None)
 
     return _head_pass(h, w, b, rows, need_dh, need_dw, need_db, chunk_loss)
 
@@ -287,14 +288,14 @@ class LinearKLFunction(torch.autograd.Function):
     """Gradients in forward (torch path), for the student's h, W and b only."""
 
     @staticmethod
-    def forward(ctx, h, w, b, h_t, w_t, b_t, mask, kind, reduction, chunk_bytes, want_grads):
+    def forward(ctx, h, w, b, h_t, w_t, b_t, kind, reduction, chunk_bytes, want_grads):
         dtype = backend.compute_dtype(h)
         need = tuple(want_grads and ctx.needs_input_grad[i] for i in range(3))
         ctx.dtypes = (h.dtype, w.dtype, None if b is None else b.dtype)
         with torch.no_grad(), backend.autocast_off(h):
             loss, dh, dw, db = _kl_torch(h.to(dtype), w.to(dtype), _cast(b, dtype), h_t.to(dtype),
-                                         w_t.to(dtype), _cast(b_t, dtype), mask, kind, chunk_bytes, *need)
-        denominator = mask.sum().to(loss.dtype) if reduction == "mean" else None
+                                         w_t.to(dtype), _cast(b_t, dtype), kind, chunk_bytes, *need)
+        denominator = _row_count(h, loss) if reduction == "mean" else None
         ctx.save_for_backward(dh, dw, db, denominator)
         if denominator is not None:
             loss = loss / denominator
@@ -304,15 +305,24 @@ class LinearKLFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         dh, dw, db, denominator = ctx.saved_tensors
-        return _grads_out(ctx, (dh, dw, db), _loss_scale(grad_out, denominator), 11)
+        return _grads_out(ctx, (dh, dw, db), _loss_scale(grad_out, denominator), 10)
 
 
-def _flat_mask(name: str, mask: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+def _kept_rows(name: str, mask: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor | None:
+    """Indices of the rows ``mask`` keeps, or None when it keeps them all.  Rows that count
+    for nothing are dropped before the head, so they cost no GEMM (prompt tokens in SFT are
+    often half of a batch); their gradient is zero through ``index_select``'s backward."""
     if mask is None:
-        return torch.ones(n, dtype=torch.bool, device=device)
-    if mask.numel() != n:
-        raise ValueError(f"{name}: mask {tuple(mask.shape)} must have one entry per token ({n})")
-    return mask.reshape(-1).to(device=device, dtype=torch.bool)
+        return None
+    if mask.numel() != n or mask.is_floating_point():
+        raise ValueError(f"{name}: mask ({mask.dtype}, {tuple(mask.shape)}) must be boolean with one entry "
+                         f"per token ({n})")
+    mask = mask.reshape(-1).to(device=device, dtype=torch.bool)
+    return None if bool(mask.all()) else mask.nonzero().squeeze(1)
+
+
+def _rows(t: torch.Tensor | None, kept: torch.Tensor | None) -> torch.Tensor | None:
+    return t if t is None or kept is None else t.index_select(0, kept)
 
 
 def linear_kl_divergence(
@@ -340,11 +350,11 @@ def linear_kl_divergence(
     ht = h_teacher.reshape(-1, h_teacher.shape[-1])
     if hs.shape[0] != ht.shape[0]:
         raise ValueError(f"{name}: student has {hs.shape[0]} tokens, teacher {ht.shape[0]}")
-    mask = _flat_mask(name, mask, hs.shape[0], hs.device)
+    kept = _kept_rows(name, mask, hs.shape[0], hs.device)
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
-    return LinearKLFunction.apply(hs, W_student, bias_student, ht.detach(), W_teacher.detach(),
-                                  detach(bias_teacher), mask, kind, reduction, int(chunk_bytes or CHUNK_BYTES),
-                                  torch.is_grad_enabled())
+    return LinearKLFunction.apply(_rows(hs, kept), W_student, bias_student, _rows(ht.detach(), kept),
+                                  W_teacher.detach(), detach(bias_teacher), kind, reduction,
+                                  int(chunk_bytes or CHUNK_BYTES), torch.is_grad_enabled())
 
 
 # =========================================================================== stored top-k teacher
@@ -378,7 +388,7 @@ def topk_log_probs(
     return ids.view(*lead, k), values.float().view(*lead, k)
 
 
-def _kl_topk_torch(h, w, b, ids, lp_t, mask, chunk_bytes, need_dh, need_dw, need_db):
+def _kl_topk_torch(h, w, b, ids, lp_t, chunk_bytes, need_dh, need_dw, need_db):
     acc = _acc_dtype(h.dtype)
     vocab, k = w.shape[0], ids.shape[1]
     per_logit = 2 * acc.itemsize + (2 * h.dtype.itemsize if h.dtype != acc else 0)
@@ -394,8 +404,7 @@ def _kl_topk_torch(h, w, b, ids, lp_t, mask, chunk_bytes, need_dh, need_dw, need
         has_tail = tail_t > 0
         safe_tail = torch.where(has_tail, tail_t, 1.0)
         tail_term = torch.where(has_tail, tail_t * (safe_tail.log() - log_tail_s), 0.0)
-        m = mask[start:stop]
-        part = (((p_t * (lt - log_ps_top)).sum(1) + tail_term) * m).sum()
+        part = (p_t * (lt - log_ps_top)).sum() + tail_term.sum()
         if not need_grad:
             return part, None
         # d/dz = M p_s - p_t on the stored ids, p_s (M - T_t / T_s) elsewhere, with the mass
@@ -406,21 +415,21 @@ def _kl_topk_torch(h, w, b, ids, lp_t, mask, chunk_bytes, need_dh, need_dw, need
         g_top = p_s.gather(1, idx).mul_(mass).sub_(p_t)
         g = p_s.mul_(mass - ratio)
         g.scatter_(1, idx, g_top)
-        return part, g.mul_(m.unsqueeze(1))
+        return part, g
 
     return _head_pass(h, w, b, rows, need_dh, need_dw, need_db, chunk_loss)
 
 
 class LinearKLTopKFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, b, ids, lp_t, mask, reduction, chunk_bytes, want_grads):
+    def forward(ctx, h, w, b, ids, lp_t, reduction, chunk_bytes, want_grads):
         dtype = backend.compute_dtype(h)
         need = tuple(want_grads and ctx.needs_input_grad[i] for i in range(3))
         ctx.dtypes = (h.dtype, w.dtype, None if b is None else b.dtype)
         with torch.no_grad(), backend.autocast_off(h):
-            loss, dh, dw, db = _kl_topk_torch(h.to(dtype), w.to(dtype), _cast(b, dtype), ids, lp_t, mask,
-                                              chunk_bytes, *need)
-        denominator = mask.sum().to(loss.dtype) if reduction == "mean" else None
+            loss, dh, dw, db = _kl_topk_torch(h.to(dtype), w.to(dtype), _cast(b, dtype), ids, lp_t, chunk_bytes,
+                                              *need)
+        denominator = _row_count(h, loss) if reduction == "mean" else None
         ctx.save_for_backward(dh, dw, db, denominator)
         if denominator is not None:
             loss = loss / denominator
@@ -430,7 +439,7 @@ class LinearKLTopKFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         dh, dw, db, denominator = ctx.saved_tensors
-        return _grads_out(ctx, (dh, dw, db), _loss_scale(grad_out, denominator), 9)
+        return _grads_out(ctx, (dh, dw, db), _loss_scale(grad_out, denominator), 8)
 
 
 def linear_kl_from_topk(
@@ -465,7 +474,7 @@ def linear_kl_from_topk(
     ids = topk_ids.reshape(-1, k).to(device=hs.device, dtype=torch.int64)
     if bool(((ids < 0) | (ids >= W_student.shape[0])).any()):
         raise ValueError(f"{name}: topk_ids has ids outside [0, vocab={W_student.shape[0]})")
-    mask = _flat_mask(name, mask, hs.shape[0], hs.device)
-    return LinearKLTopKFunction.apply(hs, W_student, bias_student, ids,
-                                      topk_logprobs.reshape(-1, k).to(hs.device).detach(), mask, reduction,
-                                      int(chunk_bytes or CHUNK_BYTES), torch.is_grad_enabled())
+    kept = _kept_rows(name, mask, hs.shape[0], hs.device)
+    lp = topk_logprobs.reshape(-1, k).to(hs.device).detach()
+    return LinearKLTopKFunction.apply(_rows(hs, kept), W_student, bias_student, _rows(ids, kept), _rows(lp, kept),
+                                      reduction, int(chunk_bytes or CHUNK_BYTES), torch.is_grad_enabled())
