@@ -1,10 +1,16 @@
-"""forgetless kernels: fused LoRA, Fisher-in-backward and fused EWC.
+"""forgetless kernels: fused LoRA, Fisher-in-backward, fused EWC (and AdamW with EWC folded
+into its step), and the linear head's cross-entropy / KL without the full logits.
 
 Each op has a Triton kernel and a plain-torch path with the same math; ``kernels.backend``
 decides which one runs (compiled Triton on CUDA tensors, torch on CPU, the Triton
 interpreter when forced under ``TRITON_INTERPRET=1``).  This package imports nothing else
 of the project.
+
+The linear head's losses are imported from their module,
+``from kernels.linear_cross_entropy import linear_cross_entropy, ...``: exporting the function
+here under the module's own name would shadow the module.
 """
+from kernels.adamw_ewc import AdamWEWC, adamw_ewc_step
 from kernels.ewc import consolidate, ewc_step, lora_ewc_step, lora_fisher_penalty, online_update
 from kernels.fisher import linear_grad_and_fisher, linear_grad_and_fisher_
 from kernels.lora import lora_linear
@@ -12,9 +18,11 @@ from kernels.lora_layers import LoRAConfig, LoRALinear, apply_lora, lora_modules
 from kernels.peft_format import AdapterFormatError, load_adapter, save_adapter
 
 __all__ = [
+    "AdamWEWC",
     "AdapterFormatError",
     "LoRAConfig",
     "LoRALinear",
+    "adamw_ewc_step",
     "apply_lora",
     "consolidate",
     "ewc_step",

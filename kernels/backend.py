@@ -15,10 +15,18 @@ for tests.  Force a backend with the environment variable ``FORGETLESS_BACKEND``
 (``auto | triton | torch``; ``triton`` on CPU tensors means the interpreter, and needs
 ``TRITON_INTERPRET=1``) or, inside a process, with :func:`forced`.  Nothing else in the
 project asks "is there a GPU?".
+
+Precision is decided here too.  Every op's autograd Function asks :func:`compute_dtype` which
+dtype its matmuls run in: the autocast dtype when autocast is on for the tensors' device
+(CPU or CUDA alike), else the input's dtype.  The op then runs its own body under
+:func:`autocast_off` and casts explicitly, so nothing inside is cast twice or behind its back,
+and its backward (which autograd may run inside or outside the autocast region) does the
+same math either way.  :func:`cpu_has_native_bf16` is what a ``bf16=auto`` setting asks on CPU.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 
@@ -87,3 +95,43 @@ def forced(choice: str) -> Iterator[None]:
         yield
     finally:
         _forced = previous
+
+
+# --------------------------------------------------------------------------- precision
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU multiplies bf16 natively: x86 with AVX512_BF16 or AMX-BF16.
+
+    Detected from the ``flags`` lines of ``/proc/cpuinfo`` (Linux; the kernel lists
+    ``avx512_bf16`` and ``amx_bf16`` there when the CPU has them).  Anywhere that file is
+    missing or unreadable (macOS, Windows, containers hiding it) the answer is a safe False:
+    without native support bf16 GEMMs are emulated and slower than fp32, so ``bf16=auto``
+    must not turn it on.  Arm's BF16 extension is not counted (not measured here)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    flags = set(line.partition(":")[2].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype an op's matmuls run in for ``tensor``: the autocast dtype when autocast is
+    enabled for its device type (and the tensor is floating point), else its own dtype."""
+    device_type = tensor.device.type
+    if tensor.is_floating_point() and device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return tensor.dtype
+
+
+def autocast_off(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast disabled for ``tensor``'s device type: inside an op every cast is explicit."""
+    device_type = tensor.device.type
+    if device_type not in ("cpu", "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)

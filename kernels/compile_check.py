@@ -44,7 +44,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 # Modules whose COMPILE_SPECS are compiled; a module that does not exist yet is skipped.
-SPEC_MODULES = ("kernels.lora_triton", "kernels.fisher", "kernels.ewc")
+SPEC_MODULES = (
+    "kernels.lora_triton", "kernels.fisher", "kernels.ewc", "kernels.adamw_ewc", "kernels.linear_cross_entropy_triton",
+)
 
 # Max dynamic shared memory per block (opt-in), CUDA C Programming Guide, "Technical
 # Specifications per Compute Capability": 8.0 (A100) 163 KB, 8.6/8.9 99 KB, 9.0 (H100/H200) 227 KB.

@@ -146,7 +146,7 @@ def ewc_step(
         key = (p.device, p.dtype, a.dtype, f.dtype, p.grad.dtype)
         groups.setdefault(key, []).append(i)
     total = torch.zeros((), dtype=torch.float32, device=params[0].device)
-    with torch.no_grad():
+    with torch.no_grad(), backend.autocast_off(params[0]):
         for idx in groups.values():
             ps = [params[i].detach() for i in idx]
             an = [anchors[i] for i in idx]
@@ -329,9 +329,12 @@ def _check_lora_shapes(A, B, F) -> None:
 def _lora_fisher(A, B, F, scale, lam, need_grads, block_o=None, block_i=None):
     _check_lora_shapes(A, B, F)
     choice = backend.select(A, B, F)
-    if choice == "torch":
-        return _lora_fisher_torch(A, B, F, scale, lam, need_grads)
-    return _lora_fisher_triton(A, B, F, scale, lam, need_grads, choice == "interpret", block_o, block_i)
+    # The penalty is fp32 whatever the training precision: under autocast the torch path's
+    # matmuls would otherwise run in bf16 against the fp32 Fisher.
+    with backend.autocast_off(A):
+        if choice == "torch":
+            return _lora_fisher_torch(A, B, F, scale, lam, need_grads)
+        return _lora_fisher_triton(A, B, F, scale, lam, need_grads, choice == "interpret", block_o, block_i)
 
 
 class _LoRAFisherPenalty(torch.autograd.Function):

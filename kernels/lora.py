@@ -10,6 +10,10 @@ Two implementations of the same math, picked by :func:`kernels.backend.select`:
 * the **Triton path** (``kernels/lora_triton.py``): the LoRA term in the epilogue of the base
   GEMM, backward fused around ``dy B``.
 
+Precision: under autocast (CPU or CUDA) the op computes in the autocast dtype, as the
+``nn.Linear`` it replaces would: x, W and b are cast down, the fp32 A and B are cast down
+inside, and the gradients of A and B come back in fp32 (``kernels.backend.compute_dtype``).
+
 Memory: the autograd Function saves ``x`` (which the caller holds anyway), the weights and
 the small ``[M, r]`` product ``u = drop(x) Aᵀ``.  It never saves ``drop(x)`` or the dropout
 mask: the mask is regenerated in backward from ``seed`` (torch path: a ``torch.Generator``
@@ -141,54 +145,72 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
         which = backend.select(x, weight, lora_A, lora_B)
         in_features = x.shape[-1]
-        x2 = x.reshape(-1, in_features)
-        if which == "torch":
-            y2, u = _lora_fwd_torch(x2, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
-        else:
-            from kernels import lora_triton
+        # Under autocast (CPU or CUDA) the op computes in the autocast dtype, like the nn.Linear
+        # it replaces: x, W and b are cast down, A and B stay fp32 masters (cast down inside).
+        dtype = backend.compute_dtype(x)
+        ctx.bias_meta = None if bias is None else (bias.dtype, bias.requires_grad)
+        with backend.autocast_off(x):
+            # The cast copy of x is what is saved, as autocast's F.linear saves its bf16 x.
+            xc = x.to(dtype)
+            x2 = xc.reshape(-1, in_features)
+            if which == "torch":
+                y2, u = _lora_fwd_torch(x2, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+            else:
+                from kernels import lora_triton
 
-            y2, u = lora_triton.lora_fwd(x2, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
-        # x, not x2: a reshape of a non-contiguous x would be a copy, kept alive for nothing.
-        ctx.save_for_backward(x, weight, lora_A, lora_B, u)
+                w, b = _weights_in(dtype, weight, bias)
+                y2, u = lora_triton.lora_fwd(x2, w, b, lora_A, lora_B, scale, dropout_p, seed)
+                del w, b
+        # xc, not x2: a reshape of a non-contiguous x would be a copy, kept alive for nothing.
+        # The weight saved is the caller's (a cast copy is made again in backward, not kept).
+        ctx.save_for_backward(xc, weight, lora_A, lora_B, u)
         ctx.which = which
         ctx.scale = scale
         ctx.dropout_p = dropout_p
         ctx.seed = seed
-        ctx.bias_meta = None if bias is None else (bias.dtype, bias.requires_grad)
+        ctx.x_dtype = x.dtype
         return y2.view(*x.shape[:-1], y2.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, u = ctx.saved_tensors
-        need_dx, need_dw, need_db, need_dA, need_dB = (
-            ctx.needs_input_grad[0],
-            ctx.needs_input_grad[1],
-            ctx.needs_input_grad[2],
-            ctx.needs_input_grad[3],
-            ctx.needs_input_grad[4],
-        )
-        x2 = x.reshape(-1, x.shape[-1])
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        if ctx.which == "torch":
-            dx2, dA, dB, dW, db = _lora_bwd_torch(
-                dy2, x2, weight, lora_A, lora_B, u, ctx.scale, ctx.dropout_p, ctx.seed, need_dx, need_dw, need_db
-            )
-        else:
-            from kernels import lora_triton
+        need_dx, need_dw, need_db, need_dA, need_dB = ctx.needs_input_grad[:5]
+        with backend.autocast_off(x):
+            x2 = x.reshape(-1, x.shape[-1])
+            dy2 = dy.reshape(-1, dy.shape[-1])
+            if ctx.which == "torch":
+                dx2, dA, dB, dW, db = _lora_bwd_torch(
+                    dy2, x2, weight, lora_A, lora_B, u, ctx.scale, ctx.dropout_p, ctx.seed,
+                    need_dx, need_dw, need_db,
+                )
+            else:
+                from kernels import lora_triton
 
-            dx2, dA, dB = lora_triton.lora_bwd(
-                dy2, x2, weight, lora_A, lora_B, u, ctx.scale, ctx.dropout_p, ctx.seed, need_dx
-            )
-            # The frozen base weight's gradient is not LoRA's hot path: library GEMM on both backends.
-            dy_c = dy2.to(x2.dtype)
-            dW = torch.mm(dy_c.t(), x2) if need_dw else None
-            db = dy_c.sum(0) if need_db else None
-        dx = dx2.view(x.shape).to(x.dtype) if need_dx else None
+                w, _ = _weights_in(x2.dtype, weight, None)
+                dx2, dA, dB = lora_triton.lora_bwd(
+                    dy2.to(x2.dtype), x2, w, lora_A, lora_B, u, ctx.scale, ctx.dropout_p, ctx.seed, need_dx
+                )
+                del w
+                # The frozen base weight's gradient is not LoRA's hot path: library GEMM on both backends.
+                dy_c = dy2.to(x2.dtype)
+                dW = torch.mm(dy_c.t(), x2) if need_dw else None
+                db = dy_c.sum(0) if need_db else None
+        dx = dx2.view(x.shape).to(ctx.x_dtype) if need_dx else None
         dA = dA.to(lora_A.dtype) if need_dA else None
         dB = dB.to(lora_B.dtype) if need_dB else None
         dW = dW.to(weight.dtype) if dW is not None else None
         db = db.to(ctx.bias_meta[0]) if db is not None else None
         return dx, dW, db, dA, dB, None, None, None
+
+
+def _weights_in(dtype: torch.dtype, weight: torch.Tensor, bias: torch.Tensor | None):
+    """W and b in the compute dtype for the Triton kernels, whose compiled configs take them in
+    x's dtype (``kernels.compile_check``); the torch path casts inside its own GEMM calls."""
+    if weight.dtype != dtype:
+        weight = weight.to(dtype)
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
+    return weight, bias
 
 
 def lora_linear(

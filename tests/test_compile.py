@@ -21,6 +21,12 @@ REPO = Path(__file__).resolve().parents[1]
 ARCHS = (80, 90)
 # The kernels every LoRA config must cover: a missing one means a spec list went stale.
 LORA_KERNELS = {"lora_down", "lora_fwd", "lora_bwd_dyb", "lora_bwd_dx", "keep_mask"}
+# The same for the linear cross-entropy and the AdamW+EWC step, per module: kernel -> variants.
+OTHER_KERNELS = {
+    "kernels.linear_cross_entropy_triton": {"lce_fwd": {"bf16", "fp32"}, "lce_bwd_dh": {"bf16", "fp32"},
+                                            "lce_bwd_dw": {"bf16", "fp32"}},
+    "kernels.adamw_ewc": {"adamw_ewc": {"fp32", "fp32/no_ewc", "bf16"}},
+}
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +56,14 @@ def test_every_kernel_config_compiles_and_fits_shared_memory(report):
 def test_lora_specs_cover_every_kernel_on_both_targets(report):
     seen = {(r["name"].split("/")[0], r["arch"]) for r in report["results"] if r["module"] == "kernels.lora_triton"}
     assert seen == {(k, a) for k in LORA_KERNELS for a in ARCHS}
+
+
+@pytest.mark.parametrize("module", sorted(OTHER_KERNELS))
+def test_new_kernel_specs_cover_every_variant_on_both_targets(report, module):
+    seen = {(r["name"], r["arch"]) for r in report["results"] if r["module"] == module}
+    want = {(f"{kernel}/{variant}", arch) for kernel, variants in OTHER_KERNELS[module].items()
+            for variant in variants for arch in ARCHS}
+    assert seen == want
 
 
 def test_checker_sees_an_oversized_kernel(report):
