@@ -270,14 +270,22 @@ def prepare_method(cfg: TrainConfig, model: nn.Module, tokenizer, rows: dict[str
     return method
 
 
-def build_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (not on biases, norms or other 1-D parameters)."""
+def build_optimizer(cfg: TrainConfig, params: list[nn.Parameter], method: Method,
+                    sharded: bool) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on biases, norms or other 1-D parameters).
+
+    With EWC (and unsharded parameters) it is ``AdamWEWC``: the same AdamW step with the
+    penalty's ``lam F (p - p*)`` folded into the one pass over the weights."""
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-    )
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    hyper = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    fold = getattr(method.penalty, "fold_into", None)
+    if fold is not None and not sharded:
+        from kernels.adamw_ewc import AdamWEWC
+
+        return fold(lambda lam, anchors, fishers: AdamWEWC(groups, lam, anchors, fishers, **hyper))
+    return torch.optim.AdamW(groups, **hyper)
 
 
 @dataclass
@@ -413,6 +421,9 @@ def train_step(run: Run, step: int) -> dict:
     if not math.isfinite(loss):
         raise TrainingDiverged(_diverged_message("loss", loss, step + 1, run.result.last_checkpoint))
     penalty = run.method.after_backward(model)
+    logging = (step + 1) % cfg.logging_steps == 0 or step + 1 == run.plan.total_steps
+    if penalty is None:  # applied inside the optimizer step: computed only when it is logged
+        penalty = float(run.optimizer.penalty()) if logging else None
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, max_norm))
     if not math.isfinite(grad_norm):
@@ -542,7 +553,7 @@ def train(cfg: TrainConfig, on_step_end: Callable[[int, dict], None] | None = No
     _log(f"method: {cfg.method}; {sum(p.numel() for p in params):,} of "
          f"{sum(p.numel() for p in model.parameters()):,} parameters train; world size {ctx.world_size}; "
          f"device {ctx.device}; precision {'bf16 autocast' if use_bf16 else 'fp32'}", ctx)
-    optimizer = build_optimizer(cfg, params)
+    optimizer = build_optimizer(cfg, params, method, sharded=D.is_fsdp(model))
     plan = plan_run(cfg, data, ctx)
     state, best_weights = restore(cfg, model, optimizer, out_dir, ctx)
     result = TrainResult(output_dir=out_dir, saved_to=None, steps=plan.total_steps, fisher_file=method.fisher_file)

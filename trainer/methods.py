@@ -85,12 +85,27 @@ class LoRAWeights:
 
 @dataclass
 class EWCPenalty:
-    """EWC: ``lam/2 sum F (w - w*)^2`` on every weight the Fisher covers, added into the grads."""
+    """EWC: ``lam/2 sum F (w - w*)^2`` on every weight the Fisher covers.
+
+    Its gradient ``lam F (w - w*)`` is applied inside the optimizer's own pass over the weights
+    (``kernels.adamw_ewc.AdamWEWC``: two extra reads, anchor and Fisher, instead of a pass of its
+    own) once the loop has :meth:`fold_into` such an optimizer; otherwise (FSDP's sharded
+    parameters) the fused ``ewc_step`` adds it into ``.grad`` after backward, as before. Folded,
+    the penalty's gradient is added after gradient clipping, so ``max_grad_norm`` bounds the
+    data gradient only."""
 
     lam: float
     params: list[nn.Parameter] = field(default_factory=list)
     anchors: list[torch.Tensor] = field(default_factory=list)
     fishers: list[torch.Tensor] = field(default_factory=list)
+    folded: bool = False
+
+    def fold_into(self, make_optimizer: Callable[..., torch.optim.Optimizer]) -> torch.optim.Optimizer:
+        """The optimizer ``make_optimizer(lam, anchors, fishers)`` builds, which now applies the penalty."""
+        optimizer = make_optimizer(self.lam, dict(zip(self.params, self.anchors, strict=True)),
+                                   dict(zip(self.params, self.fishers, strict=True)))
+        self.folded = True
+        return optimizer
 
     def fisher_params(self, model: nn.Module, weights) -> list[str]:
         return [name for name, p in model.named_parameters()]
@@ -104,7 +119,9 @@ class EWCPenalty:
                 self.anchors.append(anchors[name].to(p.device, p.dtype))
                 self.fishers.append(f.to(p.device, torch.float32))
 
-    def after_backward(self, model: nn.Module) -> float:
+    def after_backward(self, model: nn.Module) -> float | None:
+        if self.folded:
+            return None  # the optimizer step applies it; its value is read at logging steps
         from kernels.ewc import ewc_step
 
         return float(ewc_step(self.params, self.anchors, self.fishers, self.lam))
@@ -176,8 +193,9 @@ class Method:
     def trainable(self, model: nn.Module) -> dict[str, nn.Parameter]:
         return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
-    def after_backward(self, model: nn.Module) -> float:
-        """Add the penalty's gradient into ``.grad`` (after the data gradient is complete)."""
+    def after_backward(self, model: nn.Module) -> float | None:
+        """Add the penalty's gradient into ``.grad`` (after the data gradient is complete); returns
+        the penalty, or None when the optimizer applies it (then ask the optimizer's ``penalty()``)."""
         return self.penalty.after_backward(model) if self.penalty is not None else 0.0
 
     def save(self, model: nn.Module, tokenizer, out_dir: str | Path, state_dict: dict | None = None) -> Path:

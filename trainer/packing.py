@@ -184,8 +184,10 @@ def model_inputs(batch: dict) -> dict:
 def token_loss_sum_from_logits(logits: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor:
     """``sum_t CE(logits[t], shift_labels[t])`` over the labelled positions, in fp32: the loss of
     a padded and of a packed batch alike."""
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), shift_labels.reshape(-1),
-                                       ignore_index=IGNORE_INDEX, reduction="sum")
+    logits = logits.reshape(-1, logits.size(-1))
+    if logits.dtype in (torch.float16, torch.bfloat16):  # fp32 softmax; float64 stays float64
+        logits = logits.float()
+    return nn.functional.cross_entropy(logits, shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def _hf_config(model: nn.Module):
