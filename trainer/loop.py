@@ -350,8 +350,8 @@ def train(cfg: TrainConfig, on_step_end: Callable[[int, dict], None] | None = No
             state.step = step + 1
             state.tokens_seen += n_tokens
             tokens_this_run += n_tokens
-            result.replay_rows += n_replay_rows
-            result.task_rows += len(rows) - n_replay_rows
+            state.replay_rows += n_replay_rows
+            state.task_rows += len(rows) - n_replay_rows
             dt = max(time.time() - t0, 1e-9)
             result.losses[state.step] = loss
             record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
@@ -406,6 +406,7 @@ def train(cfg: TrainConfig, on_step_end: Callable[[int, dict], None] | None = No
         D.load_trainable(model, best_weights)
         _log(f"restored the best weights (step {state.best_step}, eval loss {state.best_eval_loss:.4f})", ctx)
     result.best_step = state.best_step
+    result.task_rows, result.replay_rows = state.task_rows, state.replay_rows  # the whole run, resumes included
     full_state = D.full_state_dict(model, trainable_only=False) if D.is_fsdp(model) else None
     if ctx.is_main:
         result.saved_to = method.save(D.unwrap(model), tokenizer, out_dir, state_dict=full_state)

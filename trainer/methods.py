@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from trainer.checkpoint import follow_umask
 from trainer.config import TrainConfig
 
 # fisher_source(model) -> (fisher dict keyed by parameter name, hash of the data it used)
@@ -48,6 +49,7 @@ class FullWeights:
         out_dir = Path(out_dir) / "model"
         model.save_pretrained(str(out_dir), state_dict=state_dict)
         tokenizer.save_pretrained(str(out_dir))
+        follow_umask(out_dir)  # save_pretrained leaves model.safetensors 0600
         return out_dir
 
 
@@ -237,6 +239,7 @@ def save_fisher_file(path: Path, fisher: dict[str, torch.Tensor], anchors: dict[
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")  # every rank writes the same bytes; never the same temp
     save_file(tensors, str(tmp), metadata={"format": "forgetless-fisher"})
+    follow_umask(tmp)
     tmp.replace(path)
 
 

@@ -1,0 +1,108 @@
+"""Checks of a run's inputs that need no model: run first, so bad input fails in seconds.
+
+``trainer.run`` calls :func:`check_inputs` after the config is parsed and the demo's data
+paths are resolved, and before anything slow (pretraining the demo base, loading or
+converting a model, tokenizing). Every failure is a :class:`ConfigError` or
+:class:`DataError` whose message names the config key and the path, which ``trainer.run``
+turns into exit code 2 without a traceback.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from trainer.config import ConfigError, TrainConfig
+from trainer.data import DataError, check_jsonl
+
+DATA_KEYS = ("data", "eval_data", "replay_data", "fisher_data")
+SUITE_KEYS = ("capability_suite", "capability_task")
+
+
+def check_output_dir(path: str) -> None:
+    """``output_dir`` must be a directory that exists or can be created, and be writable."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir={path}: exists and is a file, not a directory; choose another output_dir")
+    existing = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise ConfigError(f"output_dir={path}: cannot be created, {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir={path}: {existing} is not writable")
+
+
+def check_file_key(key: str, path: str) -> Path:
+    """A path given for ``key`` must be an existing regular file."""
+    p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{key}={path}: is a directory; give a file")
+    if not p.exists():
+        raise DataError(f"{key}={path}: file not found")
+    return p
+
+
+def check_data_files(cfg: TrainConfig) -> None:
+    """Every JSONL the run reads, row by row (plain Python: no torch, no tokenizer)."""
+    seen: set[str] = set()
+    for key in DATA_KEYS:
+        path = getattr(cfg, key)
+        if not path or path in seen:
+            continue
+        seen.add(path)
+        check_file_key(key, path)
+        try:
+            check_jsonl(path)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{key}={path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def check_suites(cfg: TrainConfig) -> None:
+    """The capability suites scored at the end of the run are read now, not after training."""
+    from eval.suite import SuiteError, load_suite
+
+    for key in SUITE_KEYS:
+        path = getattr(cfg, key)
+        if not path:
+            continue
+        check_file_key(key, path)
+        try:
+            load_suite(path)
+        except SuiteError as e:
+            raise ConfigError(f"{key}: {e}") from None
+
+
+def check_model_dir(key: str, path: str) -> None:
+    """A local Hugging Face model directory with safetensors weights (what load_model reads)."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{key}={path}: no such directory (give a local Hugging Face model directory, "
+                          "or model=demo)")
+    if not p.is_dir():
+        raise ConfigError(f"{key}={path}: is a file; give the model's directory (config.json + *.safetensors)")
+    if key == "model" and not any(p.glob("*.safetensors")):
+        raise ConfigError(f"model={path}: no *.safetensors weights; forgetless loads weights only from "
+                          "safetensors (convert with `model.save_pretrained(dir, safe_serialization=True)`)")
+
+
+def check_resume_and_fisher_files(cfg: TrainConfig) -> None:
+    from trainer.checkpoint import resolve_resume
+
+    for key in ("fisher_path", "previous_fisher"):
+        if getattr(cfg, key):
+            check_file_key(key, getattr(cfg, key))
+    if cfg.resume_from_checkpoint:
+        resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)  # FileNotFoundError with a message
+    if cfg.method in ("ewc", "lora_ewc") and not (cfg.fisher_data or cfg.replay_data or cfg.fisher_path):
+        raise ConfigError(f"method={cfg.method} needs fisher_data (or replay_data) for the Fisher")
+
+
+def check_inputs(cfg: TrainConfig, model_is_local: bool = True) -> None:
+    """Everything checkable without a model, cheapest first. ``model_is_local``: ``cfg.model``
+    is a directory path (not a name still to be resolved, such as ``demo``)."""
+    check_output_dir(cfg.output_dir)
+    check_data_files(cfg)
+    check_suites(cfg)
+    check_resume_and_fisher_files(cfg)
+    if model_is_local:
+        check_model_dir("model", cfg.model)
+    if cfg.tokenizer:
+        check_model_dir("tokenizer", cfg.tokenizer)
