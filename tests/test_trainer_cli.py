@@ -114,12 +114,37 @@ def test_a_cli_run_prints_config_summary_and_saves_config_yaml_and_the_forgettin
     assert "PASS" in out.stdout
     report = json.loads((tmp_path / "out" / "forgetting_report.json").read_text())
     assert set(report["forgetting"]["categories"]) == {"copy", "pick"}
+    # The report names what was scored: the base plus the adapter this run saved, and its own hash.
+    assert report["model"]["path"] == str(ws["model"])
+    assert report["model"]["adapter"] == str(tmp_path / "out" / "adapter")
+    assert re.fullmatch(r"[0-9a-f]{40}", report["model"]["hash"])
+    assert report["model"]["hash"] != report["forgetting"]["baseline_model_hash"]
     assert "\n  model: " in out.stdout and "tokens/s" in out.stdout and "peak memory" in out.stdout
     # The printed config marks what the user set; defaults stay unmarked.
     assert re.search(r"^  lora_r: 2 +\[you\]$", out.stdout, re.M) and re.search(r"^  seed: 0$", out.stdout, re.M)
     saved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
     assert saved["lora_r"] == 2 and saved["data"] == str(ws["task"])
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
+
+
+def test_report_of_a_full_fine_tune_names_the_saved_model_and_its_hash(ws, tmp_path):
+    from test_trainer_e2e import run_config
+    from transformers import AutoModelForCausalLM
+
+    from eval.cache import model_hash
+    from trainer.loop import train
+    from trainer.run import forgetting_report
+
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text('{"category": "copy", "prompt": "cat>", "answer": "tac"}\n')
+    cfg = run_config(ws, tmp_path / "out", method="full", max_steps=2, capability_suite=str(suite),
+                     capability_max_drop=100.0)
+    forgetting_report(cfg, train(cfg))
+    report = json.loads((tmp_path / "out" / "forgetting_report.json").read_text())
+    saved = tmp_path / "out" / "model"
+    assert report["model"] == {"path": str(saved), "adapter": None,
+                               "hash": model_hash(AutoModelForCausalLM.from_pretrained(saved))}
+    assert report["forgetting"]["baseline_model_hash"] == model_hash(AutoModelForCausalLM.from_pretrained(ws["model"]))
 
 
 def test_no_arguments_means_the_demo_lora_with_replay_and_the_report(tmp_path, monkeypatch):
