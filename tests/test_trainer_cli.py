@@ -64,6 +64,9 @@ def test_yaml_then_overrides_with_types_coerced(tmp_path):
     (["method=qlora"], "method='qlora': must be one of full, lora, ewc, lora_ewc"),
     (["replay_ratio=1.5", "data=x.jsonl"], "replay_ratio=1.5: must be in [0, 1)"),
     (["model=/nonexistent/dir", "data=x.jsonl"], "data=x.jsonl: file not found"),
+    (["output_dir="], "output_dir is empty"),
+    (["--max_steps", "10"], "cannot read argument '--max_steps': expected key=value or --config FILE.yaml "
+                            "(write max_steps=10)"),
 ])
 def test_bad_config_is_a_message_and_exit_2(args, message):
     out = run_cli(*args, "progress=false")
@@ -256,6 +259,14 @@ def test_a_bad_model_directory_is_reported_before_the_config_is_printed(ws, tmp_
             "no_safetensors": f"model={model}: no *.safetensors weights"}[kind]
     assert want in err
     assert "model:" not in out and "config (" not in out
+
+
+def test_lora_targets_the_model_lacks_is_exit_2_naming_its_layers(ws, tmp_path, capsys):
+    code, _, err = main_in_process([f"model={ws['model']}", f"data={ws['task']}", f"output_dir={tmp_path / 'o'}",
+                                    "lora_targets=qkv", "max_steps=1", "device=cpu"], capsys)
+    assert code == 2
+    assert "lora_targets: apply_lora targets ['qkv'] match no module of LlamaForCausalLM" in err
+    assert "q_proj" in err
 
 
 def test_a_bad_capability_suite_fails_before_training(ws, tmp_path, capsys, no_model_work):

@@ -243,7 +243,9 @@ def parse_command_line(argv: list[str]) -> tuple[TrainConfig, set[str]]:
                 raise _unknown_key_error(key, "command line")
             overrides[key] = value
         else:
-            raise ConfigError(f"cannot read argument {arg!r}: expected key=value or --config FILE.yaml")
+            key = arg.lstrip("-").replace("-", "_")
+            hint = f" (write {key}={argv[i + 1]})" if arg.startswith("--") and i + 1 < len(argv) else ""
+            raise ConfigError(f"cannot read argument {arg!r}: expected key=value or --config FILE.yaml{hint}")
         i += 1
     for key in values:
         if key not in field_types():

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from trainer.checkpoint import follow_umask
-from trainer.config import TrainConfig
+from trainer.config import ConfigError, TrainConfig
 
 # fisher_source(model) -> (fisher dict keyed by parameter name, hash of the data it used)
 FisherSource = Callable[[nn.Module], dict[str, torch.Tensor]]
@@ -66,11 +66,15 @@ class LoRAWeights:
     def target_paths(self, model: nn.Module) -> list[str]:
         from kernels.lora_layers import resolve_targets
 
-        return resolve_targets(model, self.targets)
+        try:
+            return resolve_targets(model, self.targets)
+        except ValueError as e:  # lora_targets that this model does not have: the user's to fix
+            raise ConfigError(f"lora_targets: {e}") from None
 
     def prepare(self, model: nn.Module) -> None:
         from kernels.lora_layers import apply_lora
 
+        self.target_paths(model)  # a bad lora_targets is a ConfigError naming the model's layers
         apply_lora(model, r=self.r, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
                    use_rslora=self.use_rslora)
 

@@ -20,6 +20,8 @@ SUITE_KEYS = ("capability_suite", "capability_task")
 
 def check_output_dir(path: str) -> None:
     """``output_dir`` must be a directory that exists or can be created, and be writable."""
+    if not path.strip():
+        raise ConfigError("output_dir is empty; give a directory (default runs/latest)")
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir={path}: exists and is a file, not a directory; choose another output_dir")

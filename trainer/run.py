@@ -19,7 +19,7 @@ from pathlib import Path
 
 from trainer.config import ConfigError, TrainConfig, format_config, help_text, parse_command_line, validate
 from trainer.data import DataError
-from trainer.preflight import check_inputs
+from trainer.preflight import check_inputs, check_output_dir
 
 DEMO = "demo"
 # Keys the default run fills in when model=demo and the user did not set them (issue 6: the
@@ -217,6 +217,7 @@ def prepare(argv: list[str]) -> tuple[TrainConfig, dict[str, str]]:
     if cfg.data is None:
         raise ConfigError("data= is required (a task JSONL file), unless model=demo")
     validate(cfg)
+    check_output_dir(cfg.output_dir)  # before the demo world is written to the cache
     notes = demo_notes(cfg, explicit)
     sources = value_sources(explicit, filled)
     # A value written as `demo` is shown resolved to its file; say it was the demo's.
