@@ -3,6 +3,9 @@
 With no arguments it runs the embedded demo: the demo base model (built once and cached), the
 synthetic support task, 20% replay of the general corpus, LoRA, and the forgetting report on the
 demo capability suite. Point ``model=`` / ``data=`` at your own local HF directory and JSONL.
+The first demo run pretrains the demo base (minutes, once); it is cached under
+``~/.cache/forgetless`` (``$FORGETLESS_CACHE`` to move it). Outputs go to ``output_dir``,
+default ``runs/latest``, which every run overwrites.
 
 Several processes: ``torchrun --nproc_per_node N -m trainer.run ...`` (DDP; add ``fsdp=true`` to
 shard full fine-tuning with FSDP2 - both tested on CPU with gloo, see trainer/distributed.py).
