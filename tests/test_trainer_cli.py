@@ -261,6 +261,13 @@ def test_a_bad_model_directory_is_reported_before_the_config_is_printed(ws, tmp_
     assert "model:" not in out and "config (" not in out
 
 
+def test_a_path_starting_with_tilde_is_under_home(ws, tmp_path, capsys, monkeypatch, no_model_work):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    code, _, err = main_in_process([f"model={ws['model']}", "data=~/mine.jsonl", "output_dir=~/out"], capsys)
+    assert code == 2
+    assert f"data={tmp_path / 'mine.jsonl'}: file not found" in err
+
+
 def test_lora_targets_the_model_lacks_is_exit_2_naming_its_layers(ws, tmp_path, capsys):
     code, _, err = main_in_process([f"model={ws['model']}", f"data={ws['task']}", f"output_dir={tmp_path / 'o'}",
                                     "lora_targets=qkv", "max_steps=1", "device=cpu"], capsys)

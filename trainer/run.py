@@ -210,11 +210,23 @@ def warn(lines: list[str]) -> None:
         print(f"\nWARNING: {line}\n", file=sys.stderr, flush=True)
 
 
+PATH_KEYS = ("model", "tokenizer", "output_dir", "fisher_path", "previous_fisher", "resume_from_checkpoint",
+             *DEMO_DATA_KEYS)
+
+
+def expand_home(cfg: TrainConfig) -> TrainConfig:
+    """``~/x`` in a path value means the home directory, as in a shell: ``key=~/x`` on a command
+    line and ``key: ~/x`` in YAML reach the program unexpanded."""
+    changes = {k: os.path.expanduser(v) for k in PATH_KEYS if isinstance(v := getattr(cfg, k), str) and v.startswith("~")}
+    return replace(cfg, **changes)
+
+
 def prepare(argv: list[str]) -> tuple[TrainConfig, dict[str, str]]:
     """Parse, fill the demo's defaults and check every input that needs no model (seconds);
     returns the config with the demo's data resolved (the model not yet) and where each value
     came from."""
     cfg, explicit = parse_command_line(argv)
+    cfg = expand_home(cfg)
     filled = demo_defaults_for(cfg, explicit)
     cfg = replace(cfg, **filled)
     if cfg.data is None:
