@@ -244,7 +244,7 @@ def test_data_that_is_a_directory_says_so(ws, tmp_path, capsys, no_model_work):
     assert f"data={tmp_path}: is a directory; give a file" in err and "not found" not in err
 
 
-@pytest.mark.parametrize("kind", ["missing", "file", "no_safetensors"])
+@pytest.mark.parametrize("kind", ["missing", "file", "no_safetensors", "adapter", "output_dir"])
 def test_a_bad_model_directory_is_reported_before_the_config_is_printed(ws, tmp_path, capsys, no_model_work, kind):
     model = tmp_path / "model"
     if kind == "file":
@@ -252,13 +252,38 @@ def test_a_bad_model_directory_is_reported_before_the_config_is_printed(ws, tmp_
     elif kind == "no_safetensors":
         model.mkdir()
         (model / "config.json").write_text("{}")
+    elif kind == "adapter":  # what a LoRA run saves
+        model.mkdir()
+        (model / "adapter_config.json").write_text("{}")
+        (model / "adapter_model.safetensors").write_bytes(b"")
+    elif kind == "output_dir":  # a LoRA run's output_dir
+        (model / "adapter").mkdir(parents=True)
+        (model / "config.yaml").write_text("method: lora\n")
     code, out, err = main_in_process([f"model={model}", f"data={ws['task']}", f"output_dir={tmp_path / 'o'}"],
                                      capsys)
     assert code == 2
     want = {"missing": f"model={model}: no such directory", "file": f"model={model}: is a file",
-            "no_safetensors": f"model={model}: no *.safetensors weights"}[kind]
+            "no_safetensors": f"model={model}: no *.safetensors weights",
+            "adapter": f"model={model}: is a LoRA adapter, not a model; give its base model as model=",
+            "output_dir": f"model={model}: is a run's output_dir, not a model; the model it saved is "
+                          f"{model / 'adapter'} (an adapter: its base model is the model)"}[kind]
     assert want in err
     assert "model:" not in out and "config (" not in out
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "device='gpu': must be auto, cpu, cuda or cuda:N"),
+    ("cuda:7", "device=cuda:7: torch"),
+])
+def test_a_device_torch_does_not_have_is_exit_2(ws, tmp_path, capsys, no_model_work, device, message):
+    import torch
+
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    code, _, err = main_in_process([f"model={ws['model']}", f"data={ws['task']}", f"output_dir={tmp_path / 'o'}",
+                                    f"device={device}"], capsys)
+    assert code == 2
+    assert message in err
 
 
 def test_a_path_starting_with_tilde_is_under_home(ws, tmp_path, capsys, monkeypatch, no_model_work):

@@ -9,6 +9,7 @@ turns into exit code 2 without a traceback.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from trainer.config import ConfigError, TrainConfig
@@ -80,9 +81,37 @@ def check_model_dir(key: str, path: str) -> None:
                           "or model=demo)")
     if not p.is_dir():
         raise ConfigError(f"{key}={path}: is a file; give the model's directory (config.json + *.safetensors)")
-    if key == "model" and not any(p.glob("*.safetensors")):
+    if key != "model":
+        return
+    if (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
+        raise ConfigError(f"model={path}: is a LoRA adapter, not a model; give its base model as model= "
+                          "(to score base + adapter: python -m eval --model BASE --adapter DIR)")
+    if not (p / "config.json").is_file() and ((p / "adapter").is_dir() or (p / "model").is_dir()):
+        inside = "model" if (p / "model").is_dir() else "adapter"
+        raise ConfigError(f"model={path}: is a run's output_dir, not a model; the model it saved is "
+                          f"{p / inside}" + (" (an adapter: its base model is the model)" if inside == "adapter" else ""))
+    if not any(p.glob("*.safetensors")):
         raise ConfigError(f"model={path}: no *.safetensors weights; forgetless loads weights only from "
                           "safetensors (convert with `model.save_pretrained(dir, safe_serialization=True)`)")
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"model={path}: no config.json; give a Hugging Face model directory "
+                          "(what save_pretrained writes)")
+
+
+def check_device(device: str) -> None:
+    """``device=cuda`` where torch sees no CUDA device is the user's to fix, not a traceback."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"device={device!r}: must be auto, cpu, cuda or cuda:N")
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    if count == 0:
+        raise ConfigError(f"device={device}: torch {torch.__version__} sees no CUDA device; use device=cpu or auto")
+    if index >= count:
+        raise ConfigError(f"device={device}: torch sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
 
 
 def check_resume_and_fisher_files(cfg: TrainConfig) -> None:
@@ -101,6 +130,7 @@ def check_inputs(cfg: TrainConfig, model_is_local: bool = True) -> None:
     """Everything checkable without a model, cheapest first. ``model_is_local``: ``cfg.model``
     is a directory path (not a name still to be resolved, such as ``demo``)."""
     check_output_dir(cfg.output_dir)
+    check_device(cfg.device)
     check_data_files(cfg)
     check_suites(cfg)
     check_resume_and_fisher_files(cfg)
