@@ -116,7 +116,8 @@ def help_text(demo_defaults: dict[str, Any] | None = None) -> str:
     lines = ["usage: python -m trainer.run [--config FILE.yaml] [key=value ...]", ""]
     if demo_defaults:
         lines += ["keys (default; with model=demo, the keys you do not set take the demo's value, shown as",
-                  "'demo: ...'; with your own model the plain default applies):"]
+                  "'demo: ...' - eval_data and capability_task only when data is the demo's too; with your",
+                  "own model the plain default applies):"]
     else:
         lines.append("keys (default):")
     for f in dataclasses.fields(TrainConfig):
