@@ -1,8 +1,9 @@
 """``python -m bench [lora|fisher|ewc|e2e|all] [--device cpu|cuda] [--quick] [--shape smollm2-135m]``
 
-Runs the chosen benchmarks, appends their rows to ``bench/results/<device>-<date>.csv``
-(``<device>-<date>-quick.csv`` with ``--quick``),
+Runs the chosen benchmarks, appends their rows to ``bench/results/<device>-<date>.csv``,
 prints the ours / peer ratio table and the issue targets, and draws one PNG per kernel.
+``--quick`` (tiny shapes: checks the harness) writes to a temp folder instead and prints
+ratios without verdicts; ``--out-dir`` chooses the folder.
 See bench/README.md for what each provider is and how memory is measured.
 """
 from __future__ import annotations
@@ -40,8 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("suite", nargs="?", default="all", choices=(*SUITES, "all"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats: checks the harness (< 2 min)")
-    parser.add_argument("--results-dir", type=Path, default=harness.RESULTS_DIR,
-                        help="where the CSV and PNGs go (default: bench/results)")
+    parser.add_argument("--out-dir", "--results-dir", dest="out_dir", type=Path, default=None,
+                        help="where the CSV and PNGs go (default: bench/results; with --quick a folder "
+                             "in the temp directory, printed)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     parser.add_argument("--shape", default=None, choices=("llama-4x512", "smollm2-135m"),
@@ -60,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench: {ctx.device_name}, torch {torch.__version__}, version {ctx.version}, "
           f"{'quick' if args.quick else 'full'} run, started {ctx.timestamp}", flush=True)
     targets: list[harness.Target] = []
-    csv_path = harness.results_path(ctx, args.results_dir)
+    out_dir = args.out_dir or harness.default_results_dir(args.quick)
+    csv_path = harness.results_path(ctx, out_dir)
+    if args.quick and args.out_dir is None:
+        print(f"bench: quick run, results go to {out_dir} (not bench/results; --out-dir DIR to choose)", flush=True)
     started = time.perf_counter()
     for name in SUITES if args.suite == "all" else (args.suite,):
         print(f"== {name}", flush=True)
@@ -76,16 +81,17 @@ def main(argv: list[str] | None = None) -> int:
         # Written suite by suite, so an interrupted long run keeps what it measured.
         harness.write_csv(ctx.rows[written:], csv_path)
         print(f"   {name} took {time.perf_counter() - suite_start:.1f} s", flush=True)
+    verdicts = not args.quick
     if not ctx.rows:
-        harness.print_ratio_table(ctx.rows, ctx.notes)
+        harness.print_ratio_table(ctx.rows, ctx.notes, verdicts)
         print("bench: nothing was measured", file=sys.stderr)
         return 1
-    harness.print_ratio_table(ctx.rows, ctx.notes)
-    harness.print_targets(ctx.rows, targets)
+    harness.print_ratio_table(ctx.rows, ctx.notes, verdicts)
+    harness.print_targets(ctx.rows, targets, verdicts)
     print(f"\nbench: {len(ctx.rows)} rows appended to {csv_path}", flush=True)
     if not args.no_plots:
         prefix = csv_path.stem  # already ends in -quick for quick runs
-        for png in harness.plot_kernels(ctx.rows, args.results_dir, prefix):
+        for png in harness.plot_kernels(ctx.rows, out_dir, prefix):
             print(f"bench: plot {png}")
     print(f"bench: total {time.perf_counter() - started:.1f} s")
     return 0

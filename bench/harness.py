@@ -19,7 +19,7 @@ allocator's caching and the OS blur.  It excludes the Python heap and the alloca
 slack.
 
 Output.  Rows with the Liger-style columns of :data:`CSV_COLUMNS` are appended to
-``bench/results/<device>-<date>.csv``; :func:`print_ratio_table` prints ours / peer ratios
+``bench/results/<device>-<date>.csv`` (quick runs: a temp folder, see :func:`default_results_dir`); :func:`print_ratio_table` prints ours / peer ratios
 from the same run; :func:`plot_kernels` draws one PNG per kernel.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ import datetime as _dt
 import math
 import platform
 import subprocess
+import tempfile
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -264,12 +265,18 @@ def measure(ctx: BenchContext, kernel: str, mode: str, x_name: str, x_value: Any
 
 
 # ----------------------------------------------------------------------------- output
+def default_results_dir(quick: bool) -> Path:
+    """Full runs: ``bench/results`` (what docs/benchmarks.md quotes). Quick runs: a folder in
+    the system's temp directory, so that checking the harness never adds files to the repo."""
+    return Path(tempfile.gettempdir()) / "forgetless-bench-quick" if quick else RESULTS_DIR
+
+
 def results_path(ctx: BenchContext, results_dir: Path | None = None) -> Path:
     date = ctx.timestamp.split("T", 1)[0]
-    # Quick runs (tiny shapes, harness checks) get their own file, so they never mix into the
-    # full run's CSV that docs/benchmarks.md quotes.
+    # Quick runs (tiny shapes, harness checks) get their own file, so they never mix into a
+    # full run's CSV even when both are written to the same folder.
     suffix = "-quick" if ctx.quick else ""
-    return (results_dir or RESULTS_DIR) / f"{ctx.device.type}-{date}{suffix}.csv"
+    return (results_dir or default_results_dir(ctx.quick)) / f"{ctx.device.type}-{date}{suffix}.csv"
 
 
 def write_csv(rows: Iterable[Row], path: Path) -> Path:
@@ -289,13 +296,14 @@ def _group_key(row: Row) -> tuple:
     return (row.kernel, row.mode, row.metric, row.x_name, row.x_value, row.config)
 
 
-def ratio_lines(rows: Sequence[Row]) -> list[str]:
-    """One line per (comparison, peer): ours p50, peer p50, ours/peer, and which way is better."""
+def ratio_lines(rows: Sequence[Row], verdicts: bool = True) -> list[str]:
+    """One line per (comparison, peer): ours p50, peer p50, ours/peer, and (``verdicts``)
+    which way is better."""
     groups: dict[tuple, dict[str, Row]] = {}
     for row in rows:
         groups.setdefault(_group_key(row), {})[row.provider] = row
     header = f"{'kernel':<14} {'mode':<9} {'metric':<10} {'x':<22} {'config':<34} {'peer':<22} " \
-             f"{'ours':>10} {'peer p50':>10} {'ours/peer':>9}  verdict"
+             f"{'ours':>10} {'peer p50':>10} {'ours/peer':>9}" + ("  verdict" if verdicts else "")
     lines = [header, "-" * len(header)]
     for key, by_provider in groups.items():
         ours = by_provider.get(OURS)
@@ -311,14 +319,22 @@ def ratio_lines(rows: Sequence[Row]) -> list[str]:
             if metric not in HIGHER_IS_BETTER and ratio > 0 and metric == "time":
                 verdict += f" ({1 / ratio:.2f}x speed)"
             lines.append(f"{kernel:<14} {mode:<9} {metric:<10} {x_name + '=' + x_value:<22} {config[:34]:<34} "
-                         f"{peer_name:<22} {ours.p50:>10.4g} {peer.p50:>10.4g} {ratio:>9.3f}  {verdict}")
+                         f"{peer_name:<22} {ours.p50:>10.4g} {peer.p50:>10.4g} {ratio:>9.3f}"
+                         + (f"  {verdict}" if verdicts else ""))
     return lines
 
 
-def print_ratio_table(rows: Sequence[Row], notes: Sequence[str] = ()) -> str:
+# Why a quick run judges nothing: printed with its tables.
+QUICK_CAVEAT = ("quick run: tiny shapes and a few rounds check that the harness works; its timings and "
+                "ratios say nothing about speed, so no verdicts are printed (run without --quick for them)")
+
+
+def print_ratio_table(rows: Sequence[Row], notes: Sequence[str] = (), verdicts: bool = True) -> str:
     lines = ["", "== ours / peer, p50, measured side by side in this run "
                  f"(units: {', '.join(f'{k} {v}' for k, v in METRIC_UNITS.items())})"]
-    lines += ratio_lines(rows)
+    if not verdicts:
+        lines.append(f"   ({QUICK_CAVEAT})")
+    lines += ratio_lines(rows, verdicts)
     errors = [r for r in rows if r.metric == "rel_error"]
     if errors:
         lines += ["", "== estimator error against the exact Fisher (same run)"]
@@ -353,8 +369,10 @@ class Target:
         return f"<= {self.max_ratio:.3g}" if self.max_ratio is not None else f">= {self.min_ratio:.3g}"
 
 
-def target_lines(rows: Sequence[Row], targets: Sequence[Target]) -> list[str]:
-    lines = [f"{'target':<84} {'ours/peer':>9} {'goal':>8}  result"]
+def target_lines(rows: Sequence[Row], targets: Sequence[Target], verdicts: bool = True) -> list[str]:
+    """One line per target and matching comparison: the ratio, the goal and (``verdicts``)
+    met / MISSED."""
+    lines = [f"{'target':<84} {'ours/peer':>9} {'goal':>8}" + ("  result" if verdicts else "")]
     for t in targets:
         pairs = {}
         for row in rows:
@@ -367,12 +385,16 @@ def target_lines(rows: Sequence[Row], targets: Sequence[Target]) -> list[str]:
         for ours, peer in found:
             ratio = ours.p50 / peer.p50 if peer.p50 else float("inf")
             met = (t.max_ratio is None or ratio <= t.max_ratio) and (t.min_ratio is None or ratio >= t.min_ratio)
-            lines.append(f"{t.label:<84} {ratio:>9.3f} {t.goal():>8}  {'met' if met else 'MISSED'}")
+            lines.append(f"{t.label:<84} {ratio:>9.3f} {t.goal():>8}" + (f"  {'met' if met else 'MISSED'}"
+                                                                         if verdicts else ""))
     return lines
 
 
-def print_targets(rows: Sequence[Row], targets: Sequence[Target]) -> str:
-    text = "\n".join(["", "== issue targets (ratios of p50 from this run)"] + target_lines(rows, targets))
+def print_targets(rows: Sequence[Row], targets: Sequence[Target], verdicts: bool = True) -> str:
+    head = ["", "== issue targets (ratios of p50 from this run)"]
+    if not verdicts:
+        head.append(f"   ({QUICK_CAVEAT})")
+    text = "\n".join(head + target_lines(rows, targets, verdicts))
     print(text, flush=True)
     return text
 

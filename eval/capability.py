@@ -195,18 +195,28 @@ def score_against_base(
     text: str | Path | None = None,
     base_name: str = "base",
     tuned_name: str = "tuned",
+    base_model_path: str | None = None,
+    tuned_model_path: str | None = None,
+    tuned_adapter_path: str | None = None,
     **score_kwargs,
 ) -> CapabilityReport:
     """Score both models (the base from the cache when it was scored before) and compare.
 
     Returns the tuned model's report with ``.forgetting`` filled; ``report.forgetting.passed``
-    is the gate.  Extra keyword arguments go to ``score_model`` for both models.
+    is the gate.  The paths name what was scored in each report's ``model`` field (the tuned
+    side: its model directory, or the base directory plus ``tuned_adapter_path``); the tuned
+    weights are hashed even though they are not cached.  Extra keyword arguments go to
+    ``score_model`` for both models.
     """
     suite = _as_suite(suite)
     task = _as_suite(task) if task is not None else None
     score_kwargs.pop("cache", None)  # the base is always cached, the tuned model never (it is new)
+    base_model_path = score_kwargs.pop("model_path", base_model_path)  # the older name of base_model_path
+    score_kwargs.pop("adapter_path", None)
     base = score_model(base_model, tokenizer, suite, task=task, text=text, cache=True, run_name=base_name,
-                       **score_kwargs)
-    tuned = score_model(tuned_model, tokenizer, suite, task=task, text=text, run_name=tuned_name, **score_kwargs)
+                       model_path=base_model_path, **score_kwargs)
+    tuned = score_model(tuned_model, tokenizer, suite, task=task, text=text, run_name=tuned_name,
+                        model_path=tuned_model_path, adapter_path=tuned_adapter_path, **score_kwargs)
+    tuned.model["hash"] = tuned.model.get("hash") or score_cache.model_hash(tuned_model)
     tuned.forgetting = compare_reports(base, tuned, max_drop)
     return tuned

@@ -71,11 +71,22 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
         with open(tmp_dir / CONFIG_NAME, "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
+        _follow_umask(tmp_dir)
         _replace_dir(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return out_dir
+
+
+def _follow_umask(directory: Path) -> None:
+    """Give ``directory`` and its files the modes a plain mkdir/open would (0777 / 0666 minus
+    the umask): ``mkdtemp`` makes it 0700 and safetensors writes its file 0600. (The trainer
+    has the same fix in trainer.checkpoint.follow_umask; kernels imports nothing of the project.)"""
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    for path in (directory, *directory.iterdir()):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _replace_dir(new_dir: Path, target: Path) -> None:

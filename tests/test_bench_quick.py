@@ -7,6 +7,7 @@ check the CPU memory tracker against hand-computed byte counts.
 from __future__ import annotations
 
 import csv
+import re
 
 import pytest
 import torch
@@ -43,7 +44,7 @@ def test_memory_tracker_counts_new_storages_not_views_and_releases_frees():
 
 
 def test_ewc_quick_writes_csv_table_and_png(tmp_path, capsys):
-    assert main(["ewc", "--quick", "--device", "cpu", "--results-dir", str(tmp_path)]) == 0
+    assert main(["ewc", "--quick", "--device", "cpu", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     csvs = list(tmp_path.glob("cpu-*.csv"))
     assert len(csvs) == 1
@@ -57,7 +58,26 @@ def test_ewc_quick_writes_csv_table_and_png(tmp_path, capsys):
         assert r["device"].startswith("cpu:") and r["timestamp"] and r["version"]
     assert "ours / peer" in out and "ewc_step" in out and "autograd" in out
     assert "issue 3: fused EWC step" in out
+    # Tiny shapes judge nothing: the ratios are printed, the verdicts are not, and it says why.
+    assert not re.search(r"\b(met|MISSED|ours better|peer better|equal)\b", out)
+    assert "no verdicts are printed (run without --quick for them)" in out
     assert list(tmp_path.glob("*-ewc_step.png"))
+
+
+def test_quick_run_writes_outside_the_repo_by_default(tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # what gettempdir() returns
+    before = sorted(p.name for p in harness.RESULTS_DIR.iterdir())
+    assert main(["ewc", "--quick", "--device", "cpu", "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    quick_dir = tmp_path / "forgetless-bench-quick"
+    assert f"results go to {quick_dir}" in out
+    assert len(list(quick_dir.glob("cpu-*-quick.csv"))) == 1
+    assert sorted(p.name for p in harness.RESULTS_DIR.iterdir()) == before
+    # Full runs keep writing where docs/benchmarks.md looks.
+    full = harness.BenchContext(device=torch.device("cpu"), quick=False)
+    assert harness.results_path(full).parent == harness.RESULTS_DIR
 
 
 def test_lora_quick_rows_cover_every_provider_mode_and_dropout(tmp_path, capsys):

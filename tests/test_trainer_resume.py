@@ -43,6 +43,23 @@ def test_interrupt_saves_a_checkpoint_and_resume_gives_the_same_losses(ws, tmp_p
     # metrics.jsonl of the resumed run reads like one run: steps 1..8 once each.
     steps = [json.loads(line)["step"] for line in (tmp_path / "broken" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
+    # The summary counts the rows of the whole run, not only of the resumed part: 8 steps of a
+    # global batch of 2 x 2 rows, the replay share as the uninterrupted run trained them.
+    assert full_run.task_rows + full_run.replay_rows == 8 * 2 * 2
+    assert (resumed.task_rows, resumed.replay_rows) == (full_run.task_rows, full_run.replay_rows)
+    assert f"rows trained: {full_run.task_rows} task + {full_run.replay_rows} replay" in resumed.summary()
+
+
+def test_a_checkpoint_from_before_the_row_counts_still_resumes(ws, tmp_path):
+    """Checkpoints written before TrainerState carried the row counts load with counts 0."""
+    import torch
+
+    path = ckpt.save_checkpoint(tmp_path, {"w": torch.zeros(2)}, {}, ckpt.TrainerState(step=3, task_rows=9))
+    blob = torch.load(path / "state.pt", weights_only=True)
+    del blob["trainer"]["task_rows"], blob["trainer"]["replay_rows"]
+    torch.save(blob, path / "state.pt")
+    _, _, state, _ = ckpt.load_checkpoint(path)
+    assert (state.step, state.task_rows, state.replay_rows) == (3, 0, 0)
 
 
 def test_periodic_checkpoints_rotate_and_resume_from_a_path(ws, tmp_path):

@@ -11,14 +11,18 @@ A checkpoint directory ``output_dir/checkpoint-<step>/`` holds
 
 It is written under ``.tmp-checkpoint-<step>`` and renamed into place, so a crash mid-write
 never leaves a half checkpoint that ``latest`` would pick.
+
+Files the trainer writes follow the umask like any other tool's (:func:`follow_umask`):
+safetensors writes through a private temporary file and leaves its result 0600.
 """
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +41,36 @@ class TrainerState:
     best_step: int | None = None
     evals_without_improvement: int = 0
     tokens_seen: int = 0
+    # Rows trained so far, over the whole run (a resumed run's summary counts from step 1).
+    task_rows: int = 0
+    replay_rows: int = 0
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (/proc), since
+    setting and restoring it races with other threads creating files."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | Path) -> None:
+    """Give ``path`` (a file, or a directory and everything under it) the mode a plain
+    ``open``/``mkdir`` would have: 0666 / 0777 minus the umask. Writers that go through a
+    private temporary file (safetensors' ``save_file``, ``mkstemp``, ``mkdtemp``) leave 0600 / 0700."""
+    mask = current_umask()
+    root = Path(path)
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for p in paths:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def rng_state() -> dict[str, Any]:
@@ -94,6 +128,7 @@ def save_checkpoint(output_dir: str | Path, trainable: dict[str, torch.Tensor], 
     scalars = state.__dict__.copy()
     torch.save({"optimizer": optimizer_state, "trainer": scalars, "rng": rng or rng_state()}, tmp / "state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(scalars, indent=2), encoding="utf-8")
+    follow_umask(tmp)
     if final.exists():  # same step saved twice (e.g. interrupt right after a periodic save)
         shutil.rmtree(final)
     tmp.rename(final)
@@ -108,7 +143,10 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, Tr
     path = Path(path)
     trainable = load_file(str(path / "trainable.safetensors"))
     blob = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
-    return trainable, blob["optimizer"], TrainerState(**blob["trainer"]), blob["rng"]
+    known = {f.name for f in fields(TrainerState)}
+    # Checkpoints written before a field existed load with that field's default.
+    state = TrainerState(**{k: v for k, v in blob["trainer"].items() if k in known})
+    return trainable, blob["optimizer"], state, blob["rng"]
 
 
 def load_best(path: str | Path) -> dict[str, torch.Tensor] | None:

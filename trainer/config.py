@@ -124,13 +124,26 @@ def field_types() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
 
 
-def help_text() -> str:
-    """Every key with its default and help line, grouped as in the dataclass."""
-    lines = ["usage: python -m trainer.run [--config FILE.yaml] [key=value ...]", "", "keys (default):"]
+def _shown(value: Any) -> str:
+    return ",".join(value) if isinstance(value, list) else str(value)
+
+
+def help_text(demo_defaults: dict[str, Any] | None = None) -> str:
+    """Every key with its default and help line, grouped as in the dataclass; with
+    ``demo_defaults``, the value model=demo fills in beside each key it changes."""
+    lines = ["usage: python -m trainer.run [--config FILE.yaml] [key=value ...]", ""]
+    if demo_defaults:
+        lines += ["keys (default; with model=demo, the keys you do not set take the demo's value, shown as",
+                  "'demo: ...' - eval_data and capability_task only when data is the demo's too; with your",
+                  "own model the plain default applies):"]
+    else:
+        lines.append("keys (default):")
     for f in dataclasses.fields(TrainConfig):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        shown = ",".join(default) if isinstance(default, list) else default
-        lines.append(f"  {f.name}={shown}")
+        line = f"  {f.name}={_shown(default)}"
+        if demo_defaults and f.name in demo_defaults:
+            line = f"{line:<40} demo: {_shown(demo_defaults[f.name])}"
+        lines.append(line)
         lines.append(f"      {f.metadata['help']}")
     return "\n".join(lines)
 
@@ -257,7 +270,9 @@ def parse_command_line(argv: list[str]) -> tuple[TrainConfig, set[str]]:
                 raise _unknown_key_error(key, "command line")
             overrides[key] = value
         else:
-            raise ConfigError(f"cannot read argument {arg!r}: expected key=value or --config FILE.yaml")
+            key = arg.lstrip("-").replace("-", "_")
+            hint = f" (write {key}={argv[i + 1]})" if arg.startswith("--") and i + 1 < len(argv) else ""
+            raise ConfigError(f"cannot read argument {arg!r}: expected key=value or --config FILE.yaml{hint}")
         i += 1
     for key in values:
         if key not in field_types():
@@ -285,5 +300,13 @@ def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 
 
-def format_config(cfg: TrainConfig) -> str:
-    return "\n".join(f"  {k}: {v}" for k, v in cfg.to_dict().items())
+def format_config(cfg: TrainConfig, sources: dict[str, str] | None = None) -> str:
+    """One ``key: value`` line per field; with ``sources`` (key -> where the value came from,
+    e.g. "set", "demo"), that origin in brackets after every value not a plain default."""
+    sources = sources or {}
+    lines = []
+    for key, value in cfg.to_dict().items():
+        line = f"  {key}: {_shown(value)}"
+        origin = sources.get(key)
+        lines.append(f"{line:<48} [{origin}]" if origin else line)
+    return "\n".join(lines)

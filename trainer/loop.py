@@ -432,8 +432,8 @@ def train_step(run: Run, step: int) -> dict:
     run.optimizer.zero_grad(set_to_none=True)
     run.state.step = step + 1
     run.state.tokens_seen += n_tokens
-    run.result.replay_rows += n_replay_rows
-    run.result.task_rows += len(rows) - n_replay_rows
+    run.state.replay_rows += n_replay_rows
+    run.state.task_rows += len(rows) - n_replay_rows
     dt = max(time.time() - t0, 1e-9)
     run.result.losses[run.state.step] = loss
     return {"step": run.state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
@@ -511,6 +511,7 @@ def finish(run: Run) -> None:
         D.load_trainable(run.model, run.best_weights)
         _log(f"restored the best weights (step {state.best_step}, eval loss {state.best_eval_loss:.4f})", ctx)
     run.result.best_step = state.best_step
+    run.result.task_rows, run.result.replay_rows = state.task_rows, state.replay_rows  # the whole run, resumes included
     full_state = D.full_state_dict(run.model, trainable_only=False) if D.is_fsdp(run.model) else None
     if ctx.is_main:
         run.result.saved_to = run.method.save(D.unwrap(run.model), run.tokenizer, run.out_dir, state_dict=full_state)

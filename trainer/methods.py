@@ -27,7 +27,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from trainer.config import TrainConfig
+from trainer.checkpoint import follow_umask
+from trainer.config import ConfigError, TrainConfig
 
 # fisher_source(model) -> (fisher dict keyed by parameter name, hash of the data it used)
 FisherSource = Callable[[nn.Module], dict[str, torch.Tensor]]
@@ -48,6 +49,7 @@ class FullWeights:
         out_dir = Path(out_dir) / "model"
         model.save_pretrained(str(out_dir), state_dict=state_dict)
         tokenizer.save_pretrained(str(out_dir))
+        follow_umask(out_dir)  # save_pretrained leaves model.safetensors 0600
         return out_dir
 
 
@@ -64,11 +66,15 @@ class LoRAWeights:
     def target_paths(self, model: nn.Module) -> list[str]:
         from kernels.lora_layers import resolve_targets
 
-        return resolve_targets(model, self.targets)
+        try:
+            return resolve_targets(model, self.targets)
+        except ValueError as e:  # lora_targets that this model does not have: the user's to fix
+            raise ConfigError(f"lora_targets: {e}") from None
 
     def prepare(self, model: nn.Module) -> None:
         from kernels.lora_layers import apply_lora
 
+        self.target_paths(model)  # a bad lora_targets is a ConfigError naming the model's layers
         apply_lora(model, r=self.r, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
                    use_rslora=self.use_rslora)
 
@@ -255,6 +261,7 @@ def save_fisher_file(path: Path, fisher: dict[str, torch.Tensor], anchors: dict[
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")  # every rank writes the same bytes; never the same temp
     save_file(tensors, str(tmp), metadata={"format": "forgetless-fisher"})
+    follow_umask(tmp)
     tmp.replace(path)
 
 

@@ -3,6 +3,9 @@
 With no arguments it runs the embedded demo: the demo base model (built once and cached), the
 synthetic support task, 20% replay of the general corpus, LoRA, and the forgetting report on the
 demo capability suite. Point ``model=`` / ``data=`` at your own local HF directory and JSONL.
+The first demo run pretrains the demo base (minutes, once); it is cached under
+``~/.cache/forgetless`` (``$FORGETLESS_CACHE`` to move it). Outputs go to ``output_dir``,
+default ``runs/latest``, which every run overwrites.
 
 Several processes: ``torchrun --nproc_per_node N -m trainer.run ...`` (DDP; add ``fsdp=true`` to
 shard full fine-tuning with FSDP2 - both tested on CPU with gloo, see trainer/distributed.py).
@@ -17,16 +20,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from trainer.config import (
-    SELF_REPLAY,
-    ConfigError,
-    TrainConfig,
-    format_config,
-    help_text,
-    parse_command_line,
-    validate,
-)
-from trainer.data import DataError, check_jsonl
+from trainer.config import ConfigError, TrainConfig, format_config, help_text, parse_command_line, validate
+from trainer.data import DataError
+from trainer.preflight import check_inputs, check_output_dir
 
 DEMO = "demo"
 # Keys the default run fills in when model=demo and the user did not set them (issue 6: the
@@ -69,28 +65,55 @@ def demo_world() -> dict[str, Path]:
     return {k: final / name for k, name in json.loads((final / "files.json").read_text()).items()}
 
 
-def resolve_demo(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
-    """Replace every ``demo`` value by the demo's real paths, building what is missing."""
-    changes: dict = {}
-    if cfg.model == DEMO:
-        for key, value in DEMO_DEFAULTS.items():
-            if key not in explicit:
-                changes[key] = value
-    cfg = replace(cfg, **changes)
-    keys = ("model", "data", "eval_data", "replay_data", "fisher_data", "capability_suite", "capability_task")
-    if not any(getattr(cfg, k) == DEMO for k in keys):
+# Keys paths of the demo world can stand in for (value ``demo``).
+DEMO_DATA_KEYS = ("data", "eval_data", "replay_data", "fisher_data", "capability_suite", "capability_task")
+# Demo defaults that describe the demo *task*: beside your own data= they would validate and
+# score a task you are not training, so they are not filled in then.
+DEMO_TASK_KEYS = ("eval_data", "capability_task")
+
+
+def demo_defaults_for(cfg: TrainConfig, explicit: set[str]) -> dict:
+    """The DEMO_DEFAULTS entries a run with ``cfg`` takes: those the user did not set, and
+    only when model=demo."""
+    if cfg.model != DEMO:
+        return {}
+    own_data = "data" in explicit and cfg.data != DEMO
+    return {k: v for k, v in DEMO_DEFAULTS.items()
+            if k not in explicit and not (own_data and k in DEMO_TASK_KEYS)}
+
+
+def value_sources(explicit: set[str], demo_filled: dict) -> dict[str, str]:
+    """Where each non-default value came from, for the printed config: ``you`` (command line
+    or --config file) or ``demo`` (filled in by model=demo)."""
+    return {**{k: "demo" for k in demo_filled}, **{k: "you" for k in explicit}}
+
+
+def resolve_demo_data(cfg: TrainConfig) -> TrainConfig:
+    """Replace every ``demo`` data or suite value by the demo world's file (built in a second
+    when missing; no model involved)."""
+    if not any(getattr(cfg, k) == DEMO for k in DEMO_DATA_KEYS):
         return cfg
     world = demo_world()
     paths = {"data": world["task_train"], "eval_data": world["task_val"], "replay_data": world["general_train"],
              "fisher_data": world["general_train"], "capability_suite": world["suite"],
              "capability_task": world["task_suite"]}
-    resolved = {k: str(v) for k, v in paths.items() if getattr(cfg, k) == DEMO}
-    if cfg.model == DEMO:
-        from trainer.demo.base import ensure_base_model
+    return replace(cfg, **{k: str(v) for k, v in paths.items() if getattr(cfg, k) == DEMO})
 
-        print("demo: building or loading the cached demo base model ...", flush=True)
-        resolved["model"] = str(ensure_base_model(progress=cfg.progress, recipe=cfg.demo_base))
-    return replace(cfg, **resolved)
+
+def resolve_model(cfg: TrainConfig) -> TrainConfig:
+    """``model=demo`` -> the cached demo base, pretrained first when missing (minutes, once)."""
+    if cfg.model != DEMO:
+        return cfg
+    from trainer.demo.base import ensure_base_model
+
+    print("demo: building or loading the cached demo base model ...", flush=True)
+    return replace(cfg, model=str(ensure_base_model(progress=cfg.progress, recipe=cfg.demo_base)))
+
+
+def resolve_demo(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
+    """Replace every ``demo`` value by the demo's real paths, building what is missing."""
+    cfg = replace(cfg, **demo_defaults_for(cfg, explicit))
+    return resolve_model(resolve_demo_data(cfg))
 
 
 def use_one_thread_for_small_models(model_dir: Path, device: str = "auto") -> None:
@@ -124,21 +147,26 @@ def forgetting_report(cfg: TrainConfig, result) -> int:
     device = torch.device("cpu") if cfg.device == "cpu" else None
     base, tokenizer = load_model(cfg, device or _auto_device())
     tuned, _ = load_model(cfg, device or _auto_device())
-    if result.saved_to and (Path(result.saved_to) / "adapter_config.json").exists():
+    # What the report names as the tuned model: the base + the adapter, or the saved model.
+    adapter = result.saved_to and (Path(result.saved_to) / "adapter_config.json").exists()
+    if adapter:
         from kernels.peft_format import load_adapter
 
         load_adapter(tuned, result.saved_to)
+        tuned_path, adapter_path = cfg.model, str(result.saved_to)
     else:
         from transformers import AutoModelForCausalLM
 
         tuned = AutoModelForCausalLM.from_pretrained(str(result.saved_to), use_safetensors=True,
                                                      trust_remote_code=cfg.trust_remote_code).to(base.device)
+        tuned_path, adapter_path = str(result.saved_to), None
     base.eval()
     tuned.eval()
     print(f"scoring base and tuned model on {cfg.capability_suite} ...", flush=True)
     report = ev.score_against_base(base, tuned, tokenizer, cfg.capability_suite, max_drop=cfg.capability_max_drop,
                                    task=cfg.capability_task, progress=cfg.progress, limit=cfg.capability_limit,
-                                   model_path=cfg.model)
+                                   base_model_path=cfg.model, tuned_model_path=tuned_path,
+                                   tuned_adapter_path=adapter_path)
     files = ev.write_report(report, Path(cfg.output_dir) / "forgetting_report.json")
     print(markdown_table(report))
     print(gate_message(report.forgetting))
@@ -178,30 +206,93 @@ def _auto_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def demo_notes(cfg: TrainConfig, explicit: set[str]) -> list[str]:
+    """What a run would otherwise do silently with the demo's files (before they are resolved)."""
+    notes = []
+    if cfg.model == DEMO and "data" in explicit and cfg.data != DEMO:
+        used = []
+        if cfg.replay_data == DEMO and cfg.replay_ratio > 0:
+            used.append(f"replay_data=demo at replay_ratio={cfg.replay_ratio}")
+        if cfg.method in ("ewc", "lora_ewc") and (cfg.fisher_data or cfg.replay_data) == DEMO:
+            used.append("the Fisher from the demo's general rows")
+        if cfg.capability_suite == DEMO:
+            used.append("capability_suite=demo")
+        if used:
+            notes.append(f"model=demo with your own data={cfg.data}: the demo base still mixes in the demo's "
+                         f"general corpus and is scored on the demo suite ({', '.join(used)}); turn them off "
+                         "with replay_ratio=0 capability_suite=none, or give your own replay_data= and "
+                         "capability_suite=")
+    if cfg.model != DEMO:
+        demo_keys = [k for k in DEMO_DATA_KEYS if getattr(cfg, k) == DEMO]
+        if demo_keys:
+            notes.append(f"model={cfg.model} with the demo's files for {', '.join(demo_keys)}: those are the "
+                         "demo world's synthetic rows, not data for your model; set "
+                         + " ".join(f"{k}=..." for k in demo_keys) + " to your own files")
+    return notes
+
+
+def warn(lines: list[str]) -> None:
+    for line in lines:
+        print(f"\nWARNING: {line}\n", file=sys.stderr, flush=True)
+
+
+PATH_KEYS = ("model", "tokenizer", "output_dir", "fisher_path", "previous_fisher", "resume_from_checkpoint",
+             *DEMO_DATA_KEYS)
+
+
+def expand_home(cfg: TrainConfig) -> TrainConfig:
+    """``~/x`` in a path value means the home directory, as in a shell: ``key=~/x`` on a command
+    line and ``key: ~/x`` in YAML reach the program unexpanded."""
+    changes = {k: os.path.expanduser(v) for k in PATH_KEYS if isinstance(v := getattr(cfg, k), str) and v.startswith("~")}
+    return replace(cfg, **changes)
+
+
+def prepare(argv: list[str]) -> tuple[TrainConfig, dict[str, str]]:
+    """Parse, fill the demo's defaults and check every input that needs no model (seconds);
+    returns the config with the demo's data resolved (the model not yet) and where each value
+    came from."""
+    cfg, explicit = parse_command_line(argv)
+    cfg = expand_home(cfg)
+    filled = demo_defaults_for(cfg, explicit)
+    cfg = replace(cfg, **filled)
+    if cfg.data is None:
+        raise ConfigError("data= is required (a task JSONL file), unless model=demo")
+    validate(cfg)
+    check_output_dir(cfg.output_dir)  # before the demo world is written to the cache
+    notes = demo_notes(cfg, explicit)
+    sources = value_sources(explicit, filled)
+    # A value written as `demo` is shown resolved to its file; say it was the demo's.
+    sources.update({k: "you: demo" for k in ("model", *DEMO_DATA_KEYS)
+                    if k in explicit and getattr(cfg, k) == DEMO})
+    cfg = resolve_demo_data(cfg)
+    check_inputs(cfg, model_is_local=cfg.model != DEMO)
+    if int(os.environ.get("RANK", "0")) == 0:
+        warn(notes)
+        if Path(cfg.output_dir, "config.yaml").exists() and not cfg.resume_from_checkpoint:
+            print(f"note: {cfg.output_dir} holds an earlier run; its outputs are replaced "
+                  "(set output_dir= to keep it)", flush=True)
+    return cfg, sources
+
+
+CONFIG_LEGEND = "config ([you]: your command line or --config file; [demo]: filled in by model=demo; else the default):"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
-        print(help_text())
+        print(help_text(DEMO_DEFAULTS))
         return 0
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
-        cfg, explicit = parse_command_line(argv)
-        cfg = resolve_demo(cfg, explicit)
-        if cfg.data is None:
-            raise ConfigError("data= is required (a task JSONL file), unless model=demo")
-        validate(cfg)
-        if cfg.interpolate == "auto" and (not cfg.capability_suite or cfg.capability_max_drop is None):
-            raise ConfigError("interpolate=auto needs capability_suite and capability_max_drop (the gate it mixes to)")
-        files = (cfg.data, cfg.eval_data, cfg.replay_data, cfg.fisher_data)
-        for path in dict.fromkeys(p for p in files if p and p != SELF_REPLAY):
-            check_jsonl(path)  # bad rows fail here, in a second, before torch or the model load
-        if cfg.replay_data == SELF_REPLAY and cfg.self_replay_prompts:
-            from trainer.self_replay import read_prompt_file
-
-            read_prompt_file(cfg.self_replay_prompts)  # FILE:LINE errors before the model loads
+        cfg, sources = prepare(argv)
+        cfg = resolve_model(cfg)  # the slow part of a first run: pretraining the demo base
         if rank0:
-            print("config:\n" + format_config(cfg), flush=True)
+            print(CONFIG_LEGEND + "\n" + format_config(cfg, sources), flush=True)
+        if not cfg.progress:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # its "Loading weights" / "Writing model shards" bars too
         use_one_thread_for_small_models(Path(cfg.model), cfg.device)
         from trainer.loop import TrainingDiverged, train
 
