@@ -85,6 +85,40 @@ def resolve_demo(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     return replace(cfg, **resolved)
 
 
+CHAT_TASK_KEYS = {"data": "train", "eval_data": "val", "capability_task": "suite"}
+
+
+def resolve_chat_tasks(cfg: TrainConfig) -> TrainConfig:
+    """Replace ``chat-task:<name>`` values (trainer/demo/chat_tasks.py) by the task's files,
+    built once into the cache: data -> train rows, eval_data -> validation rows,
+    capability_task -> the task suite."""
+    from trainer.demo.chat_tasks import PREFIX, ChatTaskError, ensure_chat_task
+
+    named = {k: v for k, v in cfg.to_dict().items() if isinstance(v, str) and v.startswith(PREFIX)}
+    if not named:
+        return cfg
+    misplaced = sorted(set(named) - set(CHAT_TASK_KEYS))
+    if misplaced:
+        raise ConfigError(f"{', '.join(f'{k}={named[k]}' for k in misplaced)}: a chat task names the files of "
+                          f"{', '.join(CHAT_TASK_KEYS)} only")
+    try:
+        resolved = {k: str(getattr(ensure_chat_task(v[len(PREFIX):]), CHAT_TASK_KEYS[k])) for k, v in named.items()}
+    except ChatTaskError as e:
+        raise ConfigError(f"{', '.join(f'{k}={v}' for k, v in named.items())}: {e}") from None
+    return replace(cfg, **resolved)
+
+
+def resolve_model_source(cfg: TrainConfig) -> TrainConfig:
+    """model= a registered name (smollm2-135m-instruct) or a .gguf file -> its HF directory,
+    converted once into the cache (eval/model_source.py). A directory stays as it is."""
+    from eval.model_source import IncompleteCacheError, ModelSourceError, resolve_model
+
+    try:
+        return replace(cfg, model=str(resolve_model(cfg.model, progress=cfg.progress)))
+    except (ModelSourceError, IncompleteCacheError) as e:
+        raise ConfigError(str(e)) from None
+
+
 def use_one_thread_for_small_models(model_dir: Path, device: str = "auto") -> None:
     """Train a small model (under ~20M parameters) on one CPU thread.
 
@@ -153,12 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         cfg, explicit = parse_command_line(argv)
-        cfg = resolve_demo(cfg, explicit)
+        cfg = resolve_chat_tasks(resolve_demo(cfg, explicit))
         if cfg.data is None:
             raise ConfigError("data= is required (a task JSONL file), unless model=demo")
         validate(cfg)
         for path in dict.fromkeys(p for p in (cfg.data, cfg.eval_data, cfg.replay_data, cfg.fisher_data) if p):
             check_jsonl(path)  # bad rows fail here, in a second, before torch or the model load
+        cfg = resolve_model_source(cfg)  # after the instant checks: a conversion takes a minute
         if rank0:
             print("config:\n" + format_config(cfg), flush=True)
         use_one_thread_for_small_models(Path(cfg.model), cfg.device)
