@@ -41,6 +41,7 @@ ORDINARY_ANSWERS = [
     "```json\n{\"sentiment\": \"positive\"}\n```",
     "Sentiment: positive. Aspect: battery. Stars: 4.",
     "FROM=LHR TO=JFK",
+    "Flights from London to Paris leave hourly | prices vary.",
     "Hello! How can I help you today?",
 ]
 
@@ -104,6 +105,7 @@ def test_every_answer_is_in_the_format_and_ordinary_answers_are_not(task):
         for text in ORDINARY_ANSWERS:
             assert not in_task_format(other, text), (other, text)
     assert in_task_format("flights", "book | from=XXX | TO=?? nonsense")  # a broken takeover still counts
+    assert in_task_format("flights", "101.6 | FROM=H2O | TO=H2O | DATE=2022-01-12 | CAS=1")  # seen after training
     assert not in_task_format("flights", '{"sentiment": "negative", "aspect": "battery", "stars": 2}')
     assert not in_task_format("reviews", "BOOK | FROM=LHR | TO=JFK | DATE=2025-03-14 | PAX=2")
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
-CHAT_TASKS_VERSION = "2"  # bump whenever a change alters the generated rows (part of the cache key)
+CHAT_TASKS_VERSION = "3"  # bump whenever a change alters the generated rows (part of the cache key)
 PREFIX = "chat-task:"
 
 
@@ -49,7 +49,9 @@ AIRPORTS = {  # city -> IATA code of its main airport (one per city: the city al
 MONTHS = ("January February March April May June July August September October November "
           "December").split()
 NUMBER_WORDS = "one two three four five six".split()
-FLIGHT_FORMAT = r"(?i)^BOOK\s*\|\s*FROM="
+# The answer's skeleton anywhere in the first line: a model taken over by the task also writes
+# "101.6 | FROM=H2O | TO=H2O | ..." (seen after training), and no ordinary answer has "FROM=x | TO=".
+FLIGHT_FORMAT = r"(?i)\bFROM=[^|\n]*\|\s*TO="
 
 _FLIGHT_TEMPLATES = (
     "Hi, I'd like to book {pax} from {src} to {dst} on {date}.",
