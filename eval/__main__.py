@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 scored (gate passed), 1 gate failed (categories named), 2 bad input\n"
                "CI step:    python -m eval --model out/merged --suite suite.jsonl --baseline base.json "
                "--max-drop 5 --out report.json\nsee eval/README.md for the suite format and the report schema")
-    p.add_argument("--model", required=True, help="local Hugging Face model directory (config + weights + tokenizer)")
+    p.add_argument("--model", required=True, help="local Hugging Face model directory (config + weights + tokenizer), "
+                                                   "a .gguf file, or smollm2-135m-instruct (converted once into the cache)")
     p.add_argument("--adapter", help="PEFT-format LoRA adapter directory (adapter_config.json + "
                                      "adapter_model.safetensors) applied to --model")
     p.add_argument("--suite", required=True, help="capability suite, JSONL (see eval/README.md)")
@@ -38,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="held-out general text (UTF-8) for perplexity")
     base = p.add_mutually_exclusive_group()
     base.add_argument("--baseline", help="REPORT.json of the base model to compare against")
-    base.add_argument("--base-model", help="base model directory: scored here (cached by weight hash) as the baseline")
+    base.add_argument("--base-model", help="base model (directory, .gguf or name, as --model): scored here "
+                                                "(cached by weight hash) as the baseline")
     p.add_argument("--max-drop", type=float, help="gate: exit 1 when any category drops by more than this many points")
     p.add_argument("--out", required=True, help="REPORT.json path; .md and .png are written beside it")
     p.add_argument("--name", help="run name in the report (default: the --out file stem)")
@@ -63,9 +65,6 @@ def _check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise BadInput(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    for flag, value in (("--model", args.model), ("--base-model", args.base_model)):
-        if value is not None and not Path(value).is_dir():
-            raise BadInput(f"{flag} {value}: not a directory")
     if args.adapter is not None:
         adapter = Path(args.adapter)
         if not (adapter / "adapter_config.json").is_file():
@@ -77,6 +76,16 @@ def _check_args(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.is_dir():
         raise BadInput(f"--out {out}: is a directory; give a file path such as {out / 'report.json'}")
+
+
+def _resolve_model(spec: str, flag: str, progress: bool) -> str:
+    """A model directory, a .gguf file or a registered name -> a local HF directory (model_source)."""
+    from .model_source import IncompleteCacheError, ModelSourceError, resolve_model
+
+    try:
+        return str(resolve_model(spec, progress=progress))
+    except (ModelSourceError, IncompleteCacheError) as exc:
+        raise BadInput(f"{flag}: {exc}") from None
 
 
 def load_model(model_dir: str, adapter_dir: str | None, device: str | None, dtype: str | None):
@@ -120,6 +129,10 @@ def run(argv: list[str] | None = None) -> int:
         suite = load_suite(args.suite)
         task = load_suite(args.task) if args.task else None
         baseline = read_report(args.baseline) if args.baseline else None
+        # after the instant checks: a registered name or a .gguf file converts once (a minute)
+        args.model = _resolve_model(args.model, "--model", not args.quiet)
+        if args.base_model:
+            args.base_model = _resolve_model(args.base_model, "--base-model", not args.quiet)
         run_name = args.name or Path(args.out).stem
         common = dict(task=task, text=args.text, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       progress=not args.quiet, task_format=args.task_format, limit=args.limit)

@@ -81,8 +81,11 @@ def check_model_dir(key: str, path: str) -> None:
     """A local Hugging Face model directory with safetensors weights (what load_model reads)."""
     p = Path(path)
     if not p.exists():
-        raise ConfigError(f"{key}={path}: no such directory (give a local Hugging Face model directory, "
-                          "or model=demo)")
+        from eval.model_source import REGISTERED_MODELS
+
+        names = ", ".join(["demo", *REGISTERED_MODELS])
+        raise ConfigError(f"{key}={path}: no such directory (give a local Hugging Face model directory, a .gguf "
+                          f"file, or a known name; known: {names})")
     if not p.is_dir():
         raise ConfigError(f"{key}={path}: is a file; give the model's directory (config.json + *.safetensors)")
     if key != "model":

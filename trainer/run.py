@@ -101,9 +101,10 @@ def resolve_demo_data(cfg: TrainConfig) -> TrainConfig:
 
 
 def resolve_model(cfg: TrainConfig) -> TrainConfig:
-    """``model=demo`` -> the cached demo base, pretrained first when missing (minutes, once)."""
+    """``model=demo`` -> the cached demo base, pretrained first when missing (minutes, once);
+    a registered name or a .gguf file -> its converted HF directory (:func:`resolve_model_source`)."""
     if cfg.model != DEMO:
-        return cfg
+        return resolve_model_source(cfg)
     from trainer.demo.base import ensure_base_model
 
     print("demo: building or loading the cached demo base model ...", flush=True)
@@ -113,7 +114,50 @@ def resolve_model(cfg: TrainConfig) -> TrainConfig:
 def resolve_demo(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     """Replace every ``demo`` value by the demo's real paths, building what is missing."""
     cfg = replace(cfg, **demo_defaults_for(cfg, explicit))
-    return resolve_model(resolve_demo_data(cfg))
+    return resolve_model(resolve_chat_tasks(resolve_demo_data(cfg)))
+
+
+CHAT_TASK_KEYS = {"data": "train", "eval_data": "val", "capability_task": "suite"}
+
+
+def resolve_chat_tasks(cfg: TrainConfig) -> TrainConfig:
+    """Replace ``chat-task:<name>`` values (trainer/demo/chat_tasks.py) by the task's files,
+    built once into the cache: data -> train rows, eval_data -> validation rows,
+    capability_task -> the task suite."""
+    from trainer.demo.chat_tasks import PREFIX, ChatTaskError, ensure_chat_task
+
+    named = {k: v for k, v in cfg.to_dict().items() if isinstance(v, str) and v.startswith(PREFIX)}
+    if not named:
+        return cfg
+    misplaced = sorted(set(named) - set(CHAT_TASK_KEYS))
+    if misplaced:
+        raise ConfigError(f"{', '.join(f'{k}={named[k]}' for k in misplaced)}: a chat task names the files of "
+                          f"{', '.join(CHAT_TASK_KEYS)} only")
+    try:
+        resolved = {k: str(getattr(ensure_chat_task(v[len(PREFIX):]), CHAT_TASK_KEYS[k])) for k, v in named.items()}
+    except ChatTaskError as e:
+        raise ConfigError(f"{', '.join(f'{k}={v}' for k, v in named.items())}: {e}") from None
+    return replace(cfg, **resolved)
+
+
+def model_is_a_path(model: str) -> bool:
+    """Whether ``model=`` is a directory to check now (not a name or a file resolved later)."""
+    from eval.model_source import REGISTERED_MODELS
+
+    return model != DEMO and model not in REGISTERED_MODELS and not model.endswith(".gguf")
+
+
+def resolve_model_source(cfg: TrainConfig) -> TrainConfig:
+    """model= a registered name (smollm2-135m-instruct) or a .gguf file -> its HF directory,
+    converted once into the cache (eval/model_source.py). A directory stays as it is."""
+    from eval.model_source import IncompleteCacheError, ModelSourceError, resolve_model
+
+    if model_is_a_path(cfg.model):  # checked by trainer.preflight; nothing to convert
+        return cfg
+    try:
+        return replace(cfg, model=str(resolve_model(cfg.model, progress=cfg.progress)))
+    except (ModelSourceError, IncompleteCacheError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def use_one_thread_for_small_models(model_dir: Path, device: str = "auto") -> None:
@@ -264,8 +308,8 @@ def prepare(argv: list[str]) -> tuple[TrainConfig, dict[str, str]]:
     # A value written as `demo` is shown resolved to its file; say it was the demo's.
     sources.update({k: "you: demo" for k in ("model", *DEMO_DATA_KEYS)
                     if k in explicit and getattr(cfg, k) == DEMO})
-    cfg = resolve_demo_data(cfg)
-    check_inputs(cfg, model_is_local=cfg.model != DEMO)
+    cfg = resolve_chat_tasks(resolve_demo_data(cfg))
+    check_inputs(cfg, model_is_local=model_is_a_path(cfg.model))
     if int(os.environ.get("RANK", "0")) == 0:
         warn(notes)
         if Path(cfg.output_dir, "config.yaml").exists() and not cfg.resume_from_checkpoint:

@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +26,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
+# The cache helpers live in eval (which owns model loading and must not import trainer); the
+# names stay importable from here.
+from eval.model_source import IncompleteCacheError, build_once, default_cache_dir  # noqa: F401
 from trainer.demo.tokenizer import build_tokenizer
 from trainer.demo.world import WORLD_VERSION, build_world
 
@@ -74,10 +75,6 @@ class BaseRecipe:
         blob = json.dumps({"recipe": asdict(self), "base": BASE_VERSION, "world": WORLD_VERSION},
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("FORGETLESS_CACHE") or Path.home() / ".cache" / "forgetless")
 
 
 def model_config(recipe: BaseRecipe, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
@@ -259,31 +256,6 @@ def build_base_model(out_dir: str | Path, recipe: BaseRecipe, progress: bool = T
     (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2) + "\n")
     (out / "pretrain_log.json").write_text(json.dumps(log, indent=2) + "\n")
     return out
-
-
-class IncompleteCacheError(OSError):
-    """A cache folder is in the way of the rename but lacks its completion marker."""
-
-
-def build_once(final: Path, complete_marker: str, build: Callable[[Path], None]) -> None:
-    """Fill the cache folder ``final`` by ``build(staging)`` unless ``final/complete_marker``
-    exists. The folder is built beside its final place and renamed into it, so concurrent
-    processes never read it half-written; a process that loses the rename keeps the winner's
-    folder. The staging folder is removed whatever happens. Raises
-    :class:`IncompleteCacheError` when the rename fails and no complete folder is there."""
-    if (final / complete_marker).exists():
-        return
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        build(staging)
-        try:
-            staging.rename(final)
-        except OSError as exc:
-            if not (final / complete_marker).exists():  # not a concurrent build that won the race
-                raise IncompleteCacheError(f"{final} exists but is not complete; delete it and rerun") from exc
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def ensure_base_model(cache_dir: str | Path | None = None, progress: bool = True,
