@@ -14,9 +14,10 @@ trains the same way and adapters move freely between the two (see ``kernels.peft
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -123,7 +124,12 @@ class LoRALinear(nn.Module):
         """The base weight as ``[out, in]`` (a transposed view for Conv1D, no copy)."""
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
+    # True inside ``lora_disabled``: the layer is its frozen base (the base model's own output).
+    disabled: bool = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return nn.functional.linear(x, self.base_weight_out_in(), self.bias)
         dropout_p = self.dropout_p if self.training else 0.0
         # seed=None: lora_linear draws a fresh seed from torch's RNG per call, so each step
         # gets a new mask and torch.manual_seed makes runs reproducible.
@@ -181,6 +187,20 @@ def _empty_like_base(base: nn.Module, in_features: int, out_features: int) -> nn
 
 
 # ---------------------------------------------------------------------------- model level
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[None]:
+    """While active, every LoRA layer of ``model`` computes its base layer only: the model is the
+    base model again, without a second copy of any weight (the KL anchor's base forward)."""
+    layers = [layer for _, layer in lora_modules(model)]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.disabled = False
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:

@@ -91,6 +91,13 @@ class TrainConfig:
     self_replay_do_sample: bool = _f(False, "sample the answers (temperature, top_p) instead of greedy decoding")
     self_replay_temperature: float = _f(0.7, "sampling temperature (with self_replay_do_sample=true)")
     self_replay_top_p: float = _f(0.9, "nucleus sampling mass (with self_replay_do_sample=true)")
+    # --- KL to the base (data-free protection) ------------------------------------------------
+    kl_to_base: float = _f(0.0, "weight of a token KL between the base's and the trained model's next-token "
+                                "distributions, added to the loss (0 = off); see trainer/kl_anchor.py")
+    kl_on: str = _f("all", "rows the KL is taken on: task | replay | all", ("task", "replay", "all"))
+    kl_kind: str = _f("forward", "forward = KL(base || tuned) | reverse = KL(tuned || base)", ("forward", "reverse"))
+    kl_cache: bool = _f(False, "full fine-tuning: store the base's top-k log-probs once instead of a frozen copy")
+    kl_topk: int = _f(64, "tokens per position kept by kl_cache (the rest of the mass is one bucket)")
     # --- validation, early stopping, checkpoints -------------------------------------------
     eval_steps: int = _f(0, "validation loss every N steps (0 = only at the end)")
     early_stopping_patience: int = _f(0, "stop after N evaluations without improvement, restoring the best weights (0 = off)")
@@ -216,10 +223,12 @@ def validate(cfg: TrainConfig) -> None:
         if choices and value not in choices:
             raise ConfigError(f"{f.name}={value!r}: must be one of {', '.join(choices)}")
     positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                "max_length", "lora_r", "logging_steps")
+                "max_length", "lora_r", "logging_steps", "kl_topk")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name}={getattr(cfg, name)}: must be >= 1")
+    if cfg.kl_to_base < 0:
+        raise ConfigError(f"kl_to_base={cfg.kl_to_base}: must be >= 0 (0 = off)")
     if not 0.0 <= cfg.replay_ratio < 1.0:
         raise ConfigError(f"replay_ratio={cfg.replay_ratio}: must be in [0, 1)")
     if not 0.0 <= cfg.validation_split < 1.0:

@@ -45,8 +45,9 @@ from trainer.data import (
     steps_for,
     tokenize_file,
 )
+from trainer.kl_anchor import KLAnchor, build_kl_anchor
 from trainer.loss import Head, choose_head, to_device, validation_loss
-from trainer.methods import Method, build_method, fisher_key, load_fisher_file
+from trainer.methods import LoRAWeights, Method, build_method, fisher_key, load_fisher_file
 from trainer.packing import BatchLayout, build_batch, resolve_layout
 
 __all__ = ["TrainResult", "TrainingDiverged", "train", "load_model", "lr_at"]
@@ -369,6 +370,7 @@ class Run:
     autocast: Callable
     head: Head
     layout: BatchLayout
+    kl: KLAnchor | None
     data: RunData
     plan: BatchPlan
     state: ckpt.TrainerState
@@ -410,14 +412,20 @@ def train_step(run: Run, step: int) -> dict:
                           dtype=torch.float64, device=ctx.device)
     D.all_reduce_sum(counts, ctx)
     n_loss_tokens, n_tokens = float(counts[0]), int(counts[1])
-    loss_total = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    for i, batch in enumerate(batches):
+    totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss, KL to the base
+    for i, (micro, batch) in enumerate(zip(micros, batches, strict=True)):
         with D.no_sync(model, skip_sync=i < len(batches) - 1):
-            loss_sum = run.head.loss_sum(model, batch, run.autocast)
+            loss_sum, hidden, head = run.head.forward(model, batch, run.autocast)
+            objective = loss_sum
+            if run.kl is not None:
+                kl_sum = run.kl.term(batch, micro, hidden, head, run.autocast)
+                objective = objective + run.kl.beta * kl_sum
+                totals[1] += kl_sum.detach().double()
             # DDP averages gradients over ranks, hence the world_size factor.
-            (loss_sum * (ctx.world_size / max(n_loss_tokens, 1.0))).backward()
-        loss_total += loss_sum.detach().double()
-    loss = float(D.all_reduce_sum(loss_total, ctx)) / max(n_loss_tokens, 1.0)
+            (objective * (ctx.world_size / max(n_loss_tokens, 1.0))).backward()
+        totals[0] += loss_sum.detach().double()
+    D.all_reduce_sum(totals, ctx)
+    loss = float(totals[0]) / max(n_loss_tokens, 1.0)
     if not math.isfinite(loss):
         raise TrainingDiverged(_diverged_message("loss", loss, step + 1, run.result.last_checkpoint))
     penalty = run.method.after_backward(model)
@@ -438,7 +446,8 @@ def train_step(run: Run, step: int) -> dict:
     run.result.losses[run.state.step] = loss
     return {"step": run.state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "tokens_per_second": n_tokens / dt, "ewc_penalty": penalty,
-            "replay_share": n_replay_rows / len(rows), "tokens": n_tokens}
+            "replay_share": n_replay_rows / len(rows), "tokens": n_tokens,
+            **({"kl_to_base": float(totals[1]) / max(n_loss_tokens, 1.0)} if run.kl is not None else {})}
 
 
 def validate(run: Run, record: dict) -> None:
@@ -547,6 +556,10 @@ def train(cfg: TrainConfig, on_step_end: Callable[[int, dict], None] | None = No
     if not head.fused:
         _log(f"loss: the model's own logits ({head.reason})", ctx)
     layout = resolve_layout(cfg.packing, cfg.group_by_length, model)
+    plan = plan_run(cfg, data, ctx)
+    kl = build_kl_anchor(cfg, model, isinstance(method.weights, LoRAWeights), head.fused, plan.sources,
+                         {key for batch in plan.batches for key in batch}, pad_id, ctx.device, autocast,
+                         cfg.progress and ctx.is_main)
     _log(f"batches: {layout.reason}", ctx)
     model.train()
     model = D.wrap_model(model, ctx, cfg.fsdp)
@@ -555,12 +568,11 @@ def train(cfg: TrainConfig, on_step_end: Callable[[int, dict], None] | None = No
          f"{sum(p.numel() for p in model.parameters()):,} parameters train; world size {ctx.world_size}; "
          f"device {ctx.device}; precision {'bf16 autocast' if use_bf16 else 'fp32'}", ctx)
     optimizer = build_optimizer(cfg, params, method, sharded=D.is_fsdp(model))
-    plan = plan_run(cfg, data, ctx)
     state, best_weights = restore(cfg, model, optimizer, out_dir, ctx)
     result = TrainResult(output_dir=out_dir, saved_to=None, steps=plan.total_steps, fisher_file=method.fisher_file)
     checkpoints = ckpt.list_checkpoints(out_dir)
     result.last_checkpoint = checkpoints[-1] if checkpoints else None
-    run = Run(cfg, ctx, out_dir, model, tokenizer, pad_id, method, params, optimizer, autocast, head, layout, data, plan,
+    run = Run(cfg, ctx, out_dir, model, tokenizer, pad_id, method, params, optimizer, autocast, head, layout, kl, data, plan,
               state, best_weights, MetricsLog(cfg, out_dir, state.step, ctx), result)
 
     t_loop = time.time()

@@ -84,17 +84,22 @@ class Head:
 
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor], autocast) -> torch.Tensor:
         """Sum (not mean) of next-token cross-entropy over the labelled tokens of ``batch``."""
+        return self.forward(model, batch, autocast)[0]
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor], autocast
+                ) -> tuple[torch.Tensor, torch.Tensor | None, nn.Linear | None]:
+        """(loss sum, final hidden states, head) for ``batch``; the plain head gives no hidden states."""
         if not self.fused:
             with autocast():
                 logits = model(**model_inputs(batch), use_cache=False).logits
-            return token_loss_sum_from_logits(logits, batch["shift_labels"])
+            return token_loss_sum_from_logits(logits, batch["shift_labels"]), None, None
         from kernels.linear_cross_entropy import linear_cross_entropy
 
         with autocast():
             hidden, head = final_hidden(model, batch)
             # Ignored positions are dropped inside before any GEMM: the head runs on labelled tokens only.
-            return linear_cross_entropy(hidden, head.weight, batch["shift_labels"], bias=head.bias,
-                                        reduction="sum")
+            loss = linear_cross_entropy(hidden, head.weight, batch["shift_labels"], bias=head.bias, reduction="sum")
+        return loss, hidden, head
 
 
 PLAIN = Head(fused=False)
