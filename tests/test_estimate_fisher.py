@@ -246,3 +246,30 @@ def test_columns_that_are_padding_in_every_row_are_cut_before_the_forward(monkey
     assert widths == [7, 6]  # the longest row of each batch
     monkeypatch.undo()
     _assert_matches(fisher, _oracle(model, batches))
+
+
+@pytest.mark.parametrize("kind", ["empirical", "mc"])
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2-tied"])
+def test_a_head_outside_the_fisher_runs_on_hidden_states_with_the_same_result(build, kind, monkeypatch):
+    """LoRA-EWC's Fisher pass wants the adapted weights only: the head is then not in the Fisher and
+    the pass takes hidden states + the fused linear cross-entropy (no [N, T, vocab] logits); the
+    result must still be the per-sample oracle's (MC: with the labels the same draws give)."""
+    import trainer.fisher as fisher_module
+
+    model = build(seed=4)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith(("q_proj.weight", "c_attn.weight", "mlp.up_proj.weight", "c_fc.weight")))
+    batches = _batches(seed=4)
+    fused_calls = []
+    real = fisher_module._summed_nll
+    monkeypatch.setattr(fisher_module, "_summed_nll",
+                        lambda scores, head, targets: fused_calls.append(head is not None) or real(scores, head, targets))
+    fisher = estimate_fisher(model, batches, kind=kind, seed=5)
+    assert fused_calls and all(fused_calls)
+    labels = None
+    if kind == "mc":  # the oracle's labels: the same generator over the same positions, from full logits
+        generator = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            labels = [sample_mc_labels(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                                       masked_labels(b), generator) for b in batches]
+    _assert_matches(fisher, _oracle(model, batches, labels))

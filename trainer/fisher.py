@@ -113,6 +113,54 @@ def drop_padding_columns(input_ids: torch.Tensor, attention_mask: torch.Tensor |
     return input_ids[:, :end], attention_mask[:, :end], labels[:, :end]
 
 
+# Logits held at once when Monte-Carlo labels are drawn from hidden states (one chunk covers a
+# typical batch, so the draws are the same as from the full logits).
+_MC_CHUNK_BYTES = 256 << 20
+
+
+def fusable_head(model: nn.Module, fisher_pass: _FisherPass) -> nn.Linear | None:
+    """The model's linear output head when the pass needs no Fisher for its weight (LoRA-EWC's
+    target weights, or a tied head left out with the embeddings): then the pass runs on hidden
+    states and the fused linear cross-entropy, never building the ``[N, T, vocab]`` logits."""
+    from trainer.loss import head_attribute
+
+    found = head_attribute(model)
+    if found is None or type(found[1]) is not nn.Linear:
+        return None
+    head = found[1]
+    wanted = set(fisher_pass.acc)
+    return None if id(head.weight) in wanted or (head.bias is not None and id(head.bias) in wanted) else head
+
+
+def _summed_nll(scores: torch.Tensor, head: nn.Linear | None, targets: torch.Tensor) -> torch.Tensor:
+    """Σ -log p(target) over the labelled positions, from logits (``head`` None) or hidden states."""
+    if head is None:
+        return torch.nn.functional.cross_entropy(scores.reshape(-1, scores.shape[-1]).float(), targets.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+    from kernels.linear_cross_entropy import linear_cross_entropy
+
+    return linear_cross_entropy(scores, head.weight, targets, bias=head.bias, reduction="sum")
+
+
+@torch.no_grad()
+def sample_mc_labels_from_hidden(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor,
+                                 generator: torch.Generator) -> torch.Tensor:
+    """:func:`sample_mc_labels` from the hidden states: the logits of the labelled positions
+    only, a chunk of rows at a time."""
+    shifted_mask = labels[:, 1:] != -100
+    out = labels.clone()
+    h = hidden[:, :-1][shifted_mask]
+    rows = max(1, _MC_CHUNK_BYTES // (4 * head.out_features))
+    drawn = []
+    for start in range(0, h.shape[0], rows):
+        logits = torch.nn.functional.linear(h[start:start + rows].float(), head.weight.float(),
+                                            None if head.bias is None else head.bias.float())
+        drawn.append(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1))
+    if drawn:
+        out[:, 1:][shifted_mask] = torch.cat(drawn).to(out.dtype)
+    return out
+
+
 class _FisherPass:
     """Hooks on the model that turn one forward + autograd.grad into Fisher accumulation."""
 
@@ -365,6 +413,7 @@ def estimate_fisher(
     if kind not in ("empirical", "mc"):
         raise ValueError(f"estimate_fisher kind must be 'empirical' or 'mc', got {kind!r}")
     fisher_pass = _FisherPass(model, include_embeddings)
+    fused_head = fusable_head(model, fisher_pass) is not None
     modes = {m: m.training for m in model.modules()}
     generator = None
     samples = 0
@@ -380,27 +429,34 @@ def estimate_fisher(
             labels = masked_labels(batch).to(input_ids.device)
             input_ids, attention_mask, labels = drop_padding_columns(input_ids, attention_mask, labels)
             fisher_pass.reset_batch(input_ids.shape[0])
+            if kind == "mc" and generator is None:
+                generator = torch.Generator(device=input_ids.device).manual_seed(seed)
             with torch.enable_grad():
-                logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-                if kind == "mc":
-                    if generator is None:
-                        generator = torch.Generator(device=logits.device).manual_seed(seed)
-                    labels = sample_mc_labels(logits, labels, generator)
+                if fused_head:  # the head's own weight is not in the Fisher: no [N, T, vocab] logits
+                    from trainer.loss import hidden_states_out
+
+                    with hidden_states_out(model) as head:
+                        hidden = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+                    if kind == "mc":
+                        labels = sample_mc_labels_from_hidden(hidden, head, labels, generator)
+                    scores = (hidden[:, :-1], head)
+                else:
+                    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+                    if kind == "mc":
+                        labels = sample_mc_labels(logits, labels, generator)
+                    scores = (logits[:, :-1], None)
                 targets = labels[:, 1:]
                 rows_with_labels = int((targets != -100).any(dim=1).sum())
                 if rows_with_labels == 0:
                     continue
                 samples += rows_with_labels
                 fisher_pass.set_lengths(targets)
-                log_likelihood = -torch.nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                    ignore_index=-100, reduction="sum",
-                )
+                log_likelihood = -_summed_nll(*scores, targets)
                 leaves = [leaf for _, _, leaf in fisher_pass.leaves]
                 grads = torch.autograd.grad(log_likelihood, leaves, allow_unused=True)
             fisher_pass.flush()
             fisher_pass.process_embeddings(list(grads))
-            del logits, log_likelihood, grads, leaves
+            del scores, log_likelihood, grads, leaves
             fisher_pass.reset_batch(0)
     finally:
         fisher_pass.remove()

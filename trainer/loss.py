@@ -46,7 +46,7 @@ class _ReturnHidden(nn.Module):
 _RETURN_HIDDEN = _ReturnHidden()
 
 
-def _head_attribute(model: nn.Module) -> tuple[str, nn.Module] | None:
+def head_attribute(model: nn.Module) -> tuple[str, nn.Module] | None:
     """(attribute name, module) of the model's output head, when it is a direct child."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
@@ -60,7 +60,7 @@ def _head_attribute(model: nn.Module) -> tuple[str, nn.Module] | None:
 @contextlib.contextmanager
 def hidden_states_out(model: nn.Module) -> Iterator[nn.Linear]:
     """While active, ``model(...)`` returns the final hidden states in ``.logits``; yields the head."""
-    name, head = _head_attribute(model)
+    name, head = head_attribute(model)
     setattr(model, name, _RETURN_HIDDEN)
     try:
         yield head
@@ -117,7 +117,7 @@ def choose_head(model: nn.Module, probe: Example, pad_id: int, device: torch.dev
         return Head(False, "fused_head=false")
     if sharded:
         return Head(False, "FSDP shards the head's weight between forwards")
-    found = _head_attribute(model)
+    found = head_attribute(model)
     if found is None or type(found[1]) is not nn.Linear:
         kind = type(found[1]).__name__ if found else "not a direct child module"
         return Head(False, f"the output head is {kind}, not nn.Linear")

@@ -1,21 +1,28 @@
 """``python -m trainer.demo.compare``: the methods matrix of issue 6 on the demo base and task.
 
-Every row of ``configs/compare.yaml`` is one training run through the trainer's own API
+Every row of a matrix (``configs/compare.yaml`` for the demo, ``configs/smollm2_compare.yaml`` for
+the real model) is one training run through the trainer's own API
 (:func:`trainer.run.resolve_demo`, :func:`trainer.loop.train`, then
 :func:`trainer.run.forgetting_report`, the same code ``python -m trainer.run`` ends with), on
 the same base, the same task data, the same seed and the same optimizer-step budget (the
 ``common`` block; a row may stop earlier with early stopping). The result is one table:
 
-    method | task | accuracy per capability | mean forgetting | format rigidity | refusal rate
+    method | task | drop per capability | mean forgetting | format rigidity | refusal rate
            | gate | steps | train wall s | tokens/s
 
+(the base's own scores on the line above the table; a drop is before - after, positive = forgot)
 printed, saved as ``matrix.md`` / ``matrix.json`` in the output directory, and the
-learning-vs-forgetting scatter drawn by :func:`eval.compare.draw_scatter` (``pareto.png``).
+learning-vs-forgetting scatter drawn by :func:`eval.compare.draw_scatter` (``pareto.png``). A
+row with ``interpolate: auto`` is followed by its interpolated model (the largest alpha that
+passes the gate, ``eval.interpolate``), and its curve is drawn through the scatter.
 
 Usage::
 
     python -m trainer.demo.compare [--matrix configs/compare.yaml] [--out runs/compare]
-                                   [--only NAME,NAME] [key=value ...]
+                                   [--only NAME,NAME] [--resume] [key=value ...]
+
+``--resume`` keeps the rows a previous run of the same matrix finished (their ``row.json``) and
+runs the others: a matrix of real-model runs takes hours on a CPU.
 
 ``key=value`` pairs are trainer config keys applied to every row (after the file), e.g.
 ``demo_base=tiny max_steps=20 capability_limit=20`` for a quick check.
@@ -60,6 +67,8 @@ class MatrixRow:
     tokens_per_second: float = 0.0
     report: str | None = None
     error: str | None = None
+    drops: dict[str, float] = field(default_factory=dict)  # before - after, points
+    curve: list[tuple[float, float, float]] = field(default_factory=list)  # (alpha, forgetting, task gain)
 
 
 def load_matrix(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -92,8 +101,9 @@ def row_config(common: dict[str, Any], row: dict[str, Any], cli: dict[str, str],
     return resolve_demo(cfg, set(values))
 
 
-def run_row(common: dict[str, Any], row: dict[str, Any], cli: dict[str, str], out_dir: Path) -> MatrixRow:
-    """Train one row and score it against the base (the default run's own report code)."""
+def run_row(common: dict[str, Any], row: dict[str, Any], cli: dict[str, str], out_dir: Path) -> list[MatrixRow]:
+    """Train one row and score it against the base (the default run's own report code); with
+    ``interpolate: auto`` also its interpolated model."""
     import eval as ev
     from trainer.loop import TrainingDiverged, train
     from trainer.run import forgetting_report
@@ -106,23 +116,71 @@ def run_row(common: dict[str, Any], row: dict[str, Any], cli: dict[str, str], ou
         trained = train(cfg)
     except TrainingDiverged as e:
         result.error = f"diverged: {e}"
-        return result
+        return [result]
     print(trained.summary(), flush=True)
     forgetting_report(cfg, trained)
-    report = ev.read_report(Path(cfg.output_dir) / "forgetting_report.json")
-    f = report.forgetting
-    result.task = report.task.accuracy if report.task else None
-    result.capabilities = {c: s.accuracy for c, s in report.categories.items()}
-    result.mean_forgetting = f.mean_forgetting if f else None
-    result.format_rigidity = report.format_rigidity.rate if report.format_rigidity else None
-    result.refusal_rate = report.safety.refusal_rate if report.safety else None
-    result.passed = f.passed if f is not None and f.max_drop is not None else None
+    scored_row(result, ev.read_report(Path(cfg.output_dir) / "forgetting_report.json"),
+               Path(cfg.output_dir) / "forgetting_report.json")
     result.steps = max(trained.losses) if trained.losses else trained.steps
     result.stopped_early = trained.stopped_early
     result.wall_seconds = trained.wall_seconds
     result.tokens_per_second = trained.tokens_per_second
-    result.report = str(Path(cfg.output_dir) / "forgetting_report.json")
-    return result
+    rows = [result]
+    if cfg.interpolate == "auto":
+        rows.append(interpolated_row(cfg, trained, result))
+    for r in rows:
+        Path(cfg.output_dir, "row.json" if r is result else "row-interpolated.json").write_text(
+            json.dumps(vars(r), indent=2))
+    return rows
+
+
+def scored_row(row: MatrixRow, report, path: Path) -> MatrixRow:
+    """Fill a row's score columns from its forgetting report."""
+    f = report.forgetting
+    row.task = report.task.accuracy if report.task else None
+    row.capabilities = {c: s.accuracy for c, s in report.categories.items()}
+    row.drops = {c: ch.drop for c, ch in f.categories.items()} if f else {}
+    row.mean_forgetting = f.mean_forgetting if f else None
+    row.format_rigidity = report.format_rigidity.rate if report.format_rigidity else None
+    row.refusal_rate = report.safety.refusal_rate if report.safety else None
+    row.passed = f.passed if f is not None and f.gated else None
+    row.report = str(path)
+    return row
+
+
+def interpolated_row(cfg, trained, row: MatrixRow) -> MatrixRow:
+    """``interpolate=auto``: the run's output mixed back toward the base (the largest alpha that
+    passes the gate), as a row of its own, with the curve for the scatter."""
+    import eval as ev
+    from trainer.run import interpolation_report
+
+    out = MatrixRow(name=f"{row.name} interpolated", note="", overrides=row.overrides)
+    interpolation_report(cfg, trained)
+    folder = Path(cfg.output_dir) / "interpolation"
+    curve = json.loads((folder / "interpolation.json").read_text())
+    base_task = curve["base"].get("task_score")
+    out.curve = [(p["alpha"], p["mean_forgetting"], p["task_score"] - base_task if base_task is not None else None)
+                 for p in curve["points"]]
+    if curve["chosen_alpha"] is None:
+        out.error = "no alpha passes the gate"
+        return out
+    out.name = f"{row.name} @ alpha {curve['chosen_alpha']:g}"
+    out.note = f"eval.interpolate: the largest alpha of {[p['alpha'] for p in curve['points']]} that passes"
+    scored_row(out, ev.read_report(folder / "report.json"), folder / "report.json")
+    out.steps, out.wall_seconds, out.tokens_per_second = row.steps, row.wall_seconds, row.tokens_per_second
+    return out
+
+
+def finished_rows(out_dir: Path, name: str) -> list[MatrixRow] | None:
+    """A row (and its interpolated row) a previous run of the matrix finished, for --resume."""
+    rows = []
+    for file in ("row.json", "row-interpolated.json"):
+        path = out_dir / name / file
+        if path.is_file():
+            data = json.loads(path.read_text())
+            data["curve"] = [tuple(p) for p in data.get("curve", [])]
+            rows.append(MatrixRow(**data))
+    return rows or None
 
 
 def base_row(rows: list[MatrixRow]) -> MatrixRow | None:
@@ -133,7 +191,7 @@ def base_row(rows: list[MatrixRow]) -> MatrixRow | None:
         if r.report:
             report = ev.read_report(r.report)
             f = report.forgetting
-            return MatrixRow(name="base (before)", note="the demo base, not fine-tuned", overrides={},
+            return MatrixRow(name="base (before)", note="the base model, not fine-tuned", overrides={},
                              task=f.target_before, capabilities={c: ch.before for c, ch in f.categories.items()},
                              mean_forgetting=0.0, format_rigidity=f.format_rigidity_before,
                              refusal_rate=f.refusal_rate_before)
@@ -146,20 +204,26 @@ def _pt(value: float | None, signed: bool = False) -> str:
     return f"{value:+.1f}" if signed else f"{value:.1f}"
 
 
-def matrix_table(rows: list[MatrixRow]) -> str:
-    """The issue's table, markdown: one line per run, scores in points."""
+def matrix_table(rows: list[MatrixRow], base: MatrixRow | None = None) -> str:
+    """The issue's table, markdown: one line per run, points; each capability as its drop
+    (before - after, positive = forgotten), the base's own scores on the line above."""
     caps = [c for c in CAPABILITIES if any(c in r.capabilities for r in rows)]
     caps += sorted({c for r in rows for c in r.capabilities} - set(caps))
-    head = ["method", "task", *caps, "mean forgetting", "format rigidity", "refusal rate", "gate", "steps",
-            "train wall s", "tokens/s"]
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(caps) + 4) + "---|---:|---:|---:|"]
+    lines = []
+    if base is not None:
+        lines += ["base model (before): task " + _pt(base.task) + ", "
+                  + ", ".join(f"{c} {_pt(base.capabilities.get(c))}" for c in caps)
+                  + f", format rigidity {_pt(base.format_rigidity)}, refusal rate {_pt(base.refusal_rate)}", ""]
+    head = ["method", "task", *(f"{c} drop" for c in caps), "mean forgetting", "format rigidity", "refusal rate",
+            "gate", "steps", "train wall s", "tokens/s"]
+    lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(caps) + 4) + "---|---:|---:|---:|"]
     for r in rows:
         if r.error:
             lines.append(f"| {r.name} | {r.error} |" + " |" * (len(head) - 2))
             continue
         gate = "n/a" if r.passed is None else ("pass" if r.passed else "FAIL")
         steps = f"{r.steps}{' (early stop)' if r.stopped_early else ''}" if r.steps else "-"
-        cells = [r.name, _pt(r.task), *(_pt(r.capabilities.get(c)) for c in caps), _pt(r.mean_forgetting, True),
+        cells = [r.name, _pt(r.task), *(_pt(r.drops.get(c), True) for c in caps), _pt(r.mean_forgetting, True),
                  _pt(r.format_rigidity), _pt(r.refusal_rate), gate, steps,
                  f"{r.wall_seconds:.0f}" if r.steps else "-", f"{r.tokens_per_second:,.0f}" if r.steps else "-"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -172,7 +236,8 @@ def draw_pareto(rows: list[MatrixRow], path: Path) -> int:
     from eval.compare import draw_scatter, summarise
 
     summaries = [replace(summarise(ev.read_report(r.report)), run=r.name) for r in rows if r.report]
-    return draw_scatter(summaries, path)
+    curves = {r.name: [(f, g) for _, f, g in r.curve if f is not None and g is not None] for r in rows if r.curve}
+    return draw_scatter(summaries, path, curves=curves)
 
 
 def _split_cli(pairs: list[str]) -> dict[str, str]:
@@ -191,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--matrix", default=str(DEFAULT_MATRIX), help="matrix YAML (common: + runs:)")
     parser.add_argument("--out", default="runs/compare", help="output directory (one folder per run)")
     parser.add_argument("--only", default="", help="comma-separated row names to run (default: all)")
+    parser.add_argument("--resume", action="store_true", help="keep the rows a previous run of --out finished")
     parser.add_argument("overrides", nargs="*", help="key=value trainer config keys applied to every row")
     args = parser.parse_args(argv)
     from trainer.config import ConfigError
@@ -213,13 +279,15 @@ def main(argv: list[str] | None = None) -> int:
         start = time.time()
         results = []
         for row in rows:
-            results.append(run_row(common, row, cli, out))
+            done = finished_rows(out, row["name"]) if args.resume else None
+            if done:
+                print(f"=== {row['name']}: finished before (--resume), kept", flush=True)
+            results.extend(done or run_row(common, row, cli, out))
             (out / "matrix.json").write_text(json.dumps([vars(r) for r in results], indent=2))
     except (ConfigError, DataError, MatrixError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    base = base_row(results)
-    table = matrix_table(([base] if base else []) + results)
+    table = matrix_table(results, base_row(results))
     budget = {k: v for k, v in {**common, **cli}.items() if k not in ("progress",)}
     text = (f"{table}\nsame for every row unless the row says otherwise: "
             + ", ".join(f"{k}={v}" for k, v in budget.items())
