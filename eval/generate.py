@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -109,18 +109,28 @@ def greedy_generate(
     batch_size: int = 64,
     stop_mask: torch.Tensor | None = None,
     on_batch: Callable[[int], None] | None = None,
+    stop_at_newline: bool = True,
+    stop_token_ids: Iterable[int] = (),
+    add_special_tokens: bool = True,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (fed verbatim), each cut at EOS or its first newline.
 
     ``max_new_tokens`` is one int or one per prompt.  Prompts are sorted by token length so
     a batch holds similar lengths (little padding); results come back in input order.
     ``on_batch(n)`` is called after each batch with the number of prompts it finished.
+
+    Chat answers are multi-line: ``stop_at_newline=False`` runs each row to EOS, to one of
+    ``stop_token_ids`` (the template's end of turn, e.g. ``<|im_end|>``; like EOS it is not
+    part of the text) or to its budget, and returns the whole text.  ``add_special_tokens=False``
+    for prompts that already hold their specials (a rendered chat template).
     """
     with cpu_threads_for(model), torch.no_grad():
-        return _greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop_mask, on_batch)
+        return _greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop_mask, on_batch,
+                                stop_at_newline, set(stop_token_ids), add_special_tokens)
 
 
-def _greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop_mask, on_batch) -> list[str]:
+def _greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop_mask, on_batch,
+                     stop_at_newline=True, stop_token_ids=frozenset(), add_special_tokens=True) -> list[str]:
     if isinstance(max_new_tokens, int):
         budgets = [max_new_tokens] * len(prompts)
     else:
@@ -132,16 +142,17 @@ def _greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop
     was_training = model.training
     model.eval()
     device = model_device(model)
-    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    encoded = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
     limit = max_positions(model)
     if stop_mask is None:
         vocab = model.get_output_embeddings().weight.shape[0]
-        stop_mask = newline_token_mask(tokenizer, vocab)
+        stop_mask = (newline_token_mask(tokenizer, vocab) if stop_at_newline
+                     else torch.zeros(vocab, dtype=torch.bool))
     stop_mask = stop_mask.to(device).clone()  # EOS ids are added below; leave the caller's mask alone
-    for eos in eos_token_ids(model, tokenizer):
+    eos_ids = eos_token_ids(model, tokenizer) | {int(t) for t in stop_token_ids}
+    for eos in eos_ids:
         if eos < stop_mask.numel():
             stop_mask[eos] = True
-    eos_ids = eos_token_ids(model, tokenizer)
     pad_id = pad_token_id(tokenizer)
     cache_name = _cache_kwarg(model)
     keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
@@ -206,7 +217,7 @@ def _greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop
                 if bool(stop_mask[t]):
                     break
             text = tokenizer.decode(kept, skip_special_tokens=True)
-            results[i] = text.split("\n", 1)[0]
+            results[i] = text.split("\n", 1)[0] if stop_at_newline else text
         if on_batch is not None:
             on_batch(len(idx))
     model.train(was_training)
