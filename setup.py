@@ -21,6 +21,9 @@ setup(
         "bench",
     ],
     include_package_data=True,
+    # The shipped capability suites (eval/suites/chat_general.jsonl is the trainer's default for
+    # chat models): data files that must install beside the code, in wheels and sdists alike.
+    package_data={"eval": ["suites/*.jsonl"]},
     install_requires=[
         "torch>=2.4,<3",
         "triton>=3.0; platform_system == 'Linux'",

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import cache as score_cache
+from .chat import end_of_turn_ids, render_chat, require_chat_template
 from .gate import compare_reports
 from .generate import greedy_generate, model_device
 from .likelihood import choice_logliks, text_perplexity
@@ -27,7 +28,6 @@ from .report import (
     TaskScore,
     percent,
 )
-from .chat import end_of_turn_ids, render_chat, require_chat_template
 from .scoring import answer_matches, choice_prediction, in_task_format, is_refusal
 from .suite import Suite, SuiteError, SuiteRow, load_suite, read_utf8
 
@@ -77,8 +77,7 @@ def _score_rows(model, tokenizer, rows: list[SuiteRow], suite_of_row: list[Suite
     for i, out in outputs.items():
         row = rows[i]
         if row.kind == "exact":
-            correct = answer_matches(out.strip() if chat_of_row[i] else out, row.match, row.answer, row.answers,
-                                     row.pattern)
+            correct = answer_matches(out, row.match, row.answer, row.answers, row.pattern)
         else:
             correct = is_refusal(out, suite_of_row[i].refusal_regex(), whole_answer=chat_of_row[i])
         results[i] = RowResult(category=row.category, kind=row.kind, line=row.line, prompt=row.prompt,
@@ -236,12 +235,14 @@ def score_against_base(
     text: str | Path | None = None,
     base_name: str = "base",
     tuned_name: str = "tuned",
+    max_format_rigidity: float | None = None,
     **score_kwargs,
 ) -> CapabilityReport:
     """Score both models (the base from the cache when it was scored before) and compare.
 
     Returns the tuned model's report with ``.forgetting`` filled; ``report.forgetting.passed``
-    is the gate.  Extra keyword arguments go to ``score_model`` for both models.
+    is the gate (``max_drop`` per category, ``max_format_rigidity`` on the rise of format
+    rigidity).  Extra keyword arguments go to ``score_model`` for both models.
     """
     suite = _as_suite(suite)
     task = _as_suite(task) if task is not None else None
@@ -249,5 +250,5 @@ def score_against_base(
     base = score_model(base_model, tokenizer, suite, task=task, text=text, cache=True, run_name=base_name,
                        **score_kwargs)
     tuned = score_model(tuned_model, tokenizer, suite, task=task, text=text, run_name=tuned_name, **score_kwargs)
-    tuned.forgetting = compare_reports(base, tuned, max_drop)
+    tuned.forgetting = compare_reports(base, tuned, max_drop, max_format_rigidity)
     return tuned

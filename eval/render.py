@@ -106,7 +106,7 @@ def chart_figure(report: CapabilityReport):
     labels = names + ([RIGIDITY_LABEL] if rigidity else [])
     after = [report.categories[n].accuracy for n in names] + ([rigidity.rate] if rigidity else [])
     hatches = [""] * len(names) + [RIGIDITY_HATCH] * bool(rigidity)
-    fig, ax = plt.subplots(figsize=(max(5.5, 0.9 * len(labels) + 2.5), 4.4))
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 1.5), 4.4))
     xs = list(range(len(labels)))
     handles = []
     if f is None:
@@ -152,14 +152,15 @@ def chart_figure(report: CapabilityReport):
     ax.set_xticks(xs)
     ax.set_xticklabels(labels, rotation=30, ha="right")
     ax.set_ylim(0, 110)
-    ax.set_ylabel("points: accuracy (higher = better)" + ("; rigidity (lower = better)" if rigidity else ""),
+    ax.set_ylabel("points\naccuracy: higher = better" + ("; format rigidity: lower = better" if rigidity else ""),
                   fontsize=8)
     title = f"{report.suite.get('name')}: accuracy per category"
     if f is not None:
-        title += "\nnumbers: forgetting = before - after; rigidity rise = after - before (+ = worse)"
+        title += ("\nabove the bars: forgetting (before - after)"
+                  + ("; rigidity rise (after - before)" if rigidity else "") + "; + = worse")
     ax.set_title(title, fontsize=9)
+    # Outside the axes, so that no bar is hidden; savefig(bbox_inches="tight") keeps it in the file.
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
-    fig.tight_layout()
     return fig
 
 
@@ -169,7 +170,7 @@ def draw_chart(report: CapabilityReport, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     try:
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=100, bbox_inches="tight")
     finally:
         plt.close(fig)
 

@@ -29,8 +29,9 @@ def answer_matches(answer_text: str, match: str, answer: str | None = None, answ
 
     - ``exact``: equal to ``answer`` after :func:`normalise`;
     - ``contains``: the normalised ``answer`` occurs in the normalised text;
-    - ``regex``: ``re.search`` of ``pattern`` (or ``answer`` compiled) on the text as generated
-      (the pattern carries its own flags, e.g. ``(?i)``);
+    - ``regex``: ``re.search`` of ``pattern`` (or ``answer`` compiled) on the text stripped of
+      leading and trailing whitespace, case and inner spacing kept (the pattern carries its own
+      flags, e.g. ``(?i)``);
     - ``any_of``: equal after normalisation to one of ``answers``.
     """
     if match == "exact":
@@ -40,7 +41,7 @@ def answer_matches(answer_text: str, match: str, answer: str | None = None, answ
     if match == "regex":
         regex = pattern if pattern is not None else answer
         regex = re.compile(regex) if isinstance(regex, str) else regex
-        return regex.search(answer_text) is not None
+        return regex.search(answer_text.strip()) is not None
     if match == "any_of":
         got = normalise(answer_text)
         return any(got == normalise(a) for a in answers or [])

@@ -97,6 +97,9 @@ class TrainConfig:
     capability_task: str | None = _f(None, "eval suite JSONL of the target task, for the target gain in the report")
     capability_limit: int | None = _f(None, "score only the first N rows of each suite (quick checks)")
     capability_max_drop: float | None = _f(None, "fail the run (exit 1) when a capability drops by more than N points")
+    capability_max_format_rigidity: float | None = _f(
+        None, "fail the run (exit 1) when the share of non-task answers in the task's format rises more than N "
+              "points over the base (task format: _meta.task_format of capability_suite or capability_task)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -201,6 +204,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"lora_dropout={cfg.lora_dropout}: must be in [0, 1)")
     if cfg.replay_ratio > 0 and not cfg.replay_data:
         raise ConfigError("replay_ratio > 0 needs replay_data")
+    for name in ("capability_max_drop", "capability_max_format_rigidity"):
+        value = getattr(cfg, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"{name}={value}: must be >= 0 points")
 
 
 def parse_args(argv: list[str]) -> TrainConfig:
