@@ -4,7 +4,8 @@ Why by hand instead of ``model.generate``: on a ~1M-parameter model every decodi
 costs a few milliseconds of Python, and ``generate`` adds its logits processors, stopping
 criteria and cache bookkeeping to each one; this loop is the whole algorithm (prefill once,
 then one token per step for the rows still running) and stops a row at EOS or at the first
-token whose text holds a newline.  Greedy = ``argmax`` (first index on ties): deterministic.
+token whose text holds a newline (chat answers, which are multi-line: at the end of the
+turn).  Greedy = ``argmax`` (first index on ties): deterministic.
 """
 from __future__ import annotations
 

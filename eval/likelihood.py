@@ -3,7 +3,8 @@
 Choice rows follow lm-evaluation-harness's ``acc``: the context is the prompt tokenized
 with the tokenizer's special tokens, each choice is tokenized on its own without them and
 appended (the choice text is used verbatim: write ``" Paris"`` if the answer follows a
-space), and the prediction is the choice with the largest summed log-probability.
+space), and the prediction is the choice with the largest summed log-probability.  A prompt
+rendered with a chat template already holds its specials and is tokenized without them.
 """
 from __future__ import annotations
 
