@@ -38,7 +38,7 @@ def summarise(report: CapabilityReport) -> RunSummary:
         worst_category=f.worst_category if f else None,
         format_rigidity=report.format_rigidity.rate if report.format_rigidity else None,
         refusal_rate=report.safety.refusal_rate if report.safety else None,
-        passed=(f.passed if f is not None and f.max_drop is not None else None),
+        passed=(f.passed if f is not None and f.gated else None),
     )
 
 
@@ -50,7 +50,8 @@ def _cell(value: float | None, signed: bool = False) -> str:
 
 def comparison_table(summaries: list[RunSummary]) -> str:
     """Markdown table, one row per run."""
-    lines = ["| run | target gain | mean forgetting | worst forgetting | format rigidity | refusal rate | gate |",
+    lines = ["| run | target gain (after - before) | mean forgetting (before - after) | worst forgetting | "
+             "format rigidity | refusal rate | gate |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for s in summaries:
         worst = "n/a" if s.worst_forgetting is None else f"{s.worst_forgetting:+.1f} ({s.worst_category})"

@@ -297,3 +297,12 @@ def test_gated_means_either_bound_was_given():
     assert f.gated and f.passed
     f.format_rigidity_failed = True
     assert not f.passed
+
+
+def test_eval_compare_shows_a_format_only_gate():
+    from eval.compare import comparison_table, summarise
+
+    tuned = _report("tuned", {"facts": 80, "chat": 90}, rigidity=40.0)
+    summary = summarise(_with(tuned, compare_reports(BASE, tuned, max_format_rigidity=10)))
+    assert summary.passed is False  # gated by format rigidity alone: not "n/a"
+    assert comparison_table([summary]).splitlines()[-1].endswith("| 40.0 | n/a | FAIL |")
