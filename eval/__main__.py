@@ -91,24 +91,21 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def check_out(out_arg: str) -> None:
-    """BadInput unless ``out_arg``'s folder can be created and written, checked before any scoring
-    (a file where a folder should be, a read-only place): minutes of scoring must not end in
-    an unwritable path.  Creates the folder, as writing the report would."""
-    out = Path(out_arg)
+    """BadInput unless the report can be written at ``out_arg``, checked before any scoring (a
+    file where a folder should be, a read-only place): minutes of scoring must not end in an
+    unwritable path.  Probes the nearest folder that exists, creating nothing that stays."""
+    out = Path(out_arg).absolute()
     if out.is_dir():
-        raise BadInput(f"--out {out}: is a directory; give a file path such as {out / 'report.json'}")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise BadInput(f"--out {out}: {parent} is a file, not a directory")
-            break
+        raise BadInput(f"--out {out_arg}: is a directory; give a file path such as {Path(out_arg) / 'report.json'}")
+    existing = next(parent for parent in out.parents if parent.exists())  # "/" always exists
+    if not existing.is_dir():
+        raise BadInput(f"--out {out_arg}: {existing} is a file, not a directory")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.probe.")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".forgetless-eval-probe.")
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise BadInput(f"--out {out}: cannot write in {out.parent} ({exc.strerror or exc})") from None
+        raise BadInput(f"--out {out_arg}: cannot write in {existing} ({exc.strerror or exc})") from None
 
 
 def _check_format_gate(args: argparse.Namespace, suite, task, baseline) -> None:

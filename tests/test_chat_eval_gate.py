@@ -261,7 +261,13 @@ def test_out_under_a_file_or_unwritable_exits_2_before_scoring(constant_world, t
     assert cli.run([*common, "--out", str(a_file / "deeper" / "r.json")]) == 2
     assert f"{a_file} is a file, not a directory" in capsys.readouterr().err
     assert cli.run([*common, "--out", "/proc/forgetless-test/r.json"]) == 2  # not creatable, even for root
-    assert "--out /proc/forgetless-test/r.json: cannot write in /proc/forgetless-test" in capsys.readouterr().err
+    assert "--out /proc/forgetless-test/r.json: cannot write in /proc (" in capsys.readouterr().err
+    # a good place that does not exist yet passes the check and is not created by it
+    bad_suite = tmp_path / "bad.jsonl"
+    bad_suite.write_text('{"category": "c", "prompt": "p"}\n')
+    fresh = tmp_path / "fresh" / "deeper" / "r.json"
+    assert cli.run(["--model", str(constant_world["model"]), "--suite", str(bad_suite), "--out", str(fresh)]) == 2
+    assert "bad.jsonl:1:" in capsys.readouterr().err and not (tmp_path / "fresh").exists()
 
 
 def test_out_under_a_file_in_a_subprocess_has_no_traceback(constant_world, tmp_path):
