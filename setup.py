@@ -21,8 +21,10 @@ setup(
         "bench",
     ],
     include_package_data=True,
-    # The built-in self-replay prompt bank (trainer.self_replay reads it beside the module).
-    package_data={"trainer": ["self_replay_prompts.jsonl"]},
+    # Data files that install beside the code, in wheels and sdists alike: the built-in
+    # self-replay prompt bank (trainer.self_replay) and the shipped capability suites
+    # (eval/suites/chat_general.jsonl is the trainer's default for chat models).
+    package_data={"trainer": ["self_replay_prompts.jsonl"], "eval": ["suites/*.jsonl"]},
     install_requires=[
         "torch>=2.4,<3",
         "triton>=3.0; platform_system == 'Linux'",

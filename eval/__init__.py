@@ -2,10 +2,10 @@
 
 The public API (imported lazily, so ``eval.sequences`` and ``eval.compare`` do not pay for torch):
 
-- ``load_suite(path) -> Suite``
+- ``load_suite(path) -> Suite``; ``shipped_suite("chat_general")`` -> the path of a suite that ships with eval
 - ``score_model(model, tokenizer, suite, task=None, text=None, batch_size=64, ...) -> CapabilityReport``
 - ``score_against_base(base_model, tuned_model, tokenizer, suite, max_drop=None, ...) -> CapabilityReport``
-- ``compare_reports(base, tuned, max_drop=None) -> ForgettingReport`` (``.passed``, ``.failed_categories``)
+- ``compare_reports(base, tuned, max_drop=None, max_format_rigidity=None) -> ForgettingReport`` (``.passed``)
 - ``write_report(report, out_path)``: REPORT.json + REPORT.md + REPORT.png; ``read_report(path)``
 - ``sequence_metrics(R) -> SequenceMetrics`` (ACC, BWT, forgetting over a task sequence)
 
@@ -16,7 +16,8 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "load_suite": "suite", "Suite": "suite", "SuiteError": "suite",
+    "load_suite": "suite", "Suite": "suite", "SuiteError": "suite", "shipped_suite": "suite",
+    "ChatTemplateError": "chat",
     "score_model": "capability", "score_against_base": "capability",
     "compare_reports": "gate", "gate_message": "gate",
     "CapabilityReport": "report", "ForgettingReport": "report", "ReportError": "report", "read_report": "report",

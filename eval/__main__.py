@@ -1,13 +1,17 @@
 """``python -m eval`` / ``forgetless-eval``: score a model, compare with a baseline, gate.
 
 Exit codes: 0 scored (and the gate passed, when one was asked for); 1 the gate failed (some
-category dropped by more than --max-drop points, named on stdout); 2 bad input (a missing
-or malformed file, a model that does not load), with a message and no traceback.
+category lost more than --max-drop points, or format rigidity rose more than
+--max-format-rigidity points; named on stdout); 2 bad input (a missing or malformed file, a
+model that does not load, an --out that cannot be written), with a message and no traceback,
+before any scoring where it can be known before.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from .capability import score_model
@@ -27,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m eval", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Score a model on a capability suite; with a baseline, report forgetting and gate on it.",
-        epilog="exit codes: 0 scored (gate passed), 1 gate failed (categories named), 2 bad input\n"
+        epilog="exit codes: 0 scored (gate passed), 1 gate failed (categories / format rigidity named), "
+               "2 bad input\n"
                "CI step:    python -m eval --model out/merged --suite suite.jsonl --baseline base.json "
                "--max-drop 5 --out report.json\nsee eval/README.md for the suite format and the report schema")
     p.add_argument("--model", required=True, help="local Hugging Face model directory (config + weights + tokenizer), "
@@ -42,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--base-model", help="base model (directory, .gguf or name, as --model): scored here "
                                                 "(cached by weight hash) as the baseline")
     p.add_argument("--max-drop", type=float, help="gate: exit 1 when any category drops by more than this many points")
+    p.add_argument("--max-format-rigidity", type=float, metavar="P",
+                   help="gate: exit 1 when the share of non-task answers in the task's format rises more than P "
+                        "points over the baseline (needs a task format: --task-format or _meta.task_format)")
+    p.add_argument("--apply-chat-template", action=argparse.BooleanOptionalAction, default=None,
+                   help="render every prompt with the tokenizer's chat template (a row's \"chat\": false opts "
+                        "out); default: as the suite's _meta.chat says")
     p.add_argument("--out", required=True, help="REPORT.json path; .md and .png are written beside it")
     p.add_argument("--name", help="run name in the report (default: the --out file stem)")
     p.add_argument("--task-format", help="regex of the task's answer format (overrides the suite's _meta.task_format)")
@@ -88,6 +99,40 @@ def _resolve_model(spec: str, flag: str, progress: bool) -> str:
         raise BadInput(f"{flag}: {exc}") from None
 
 
+def check_out(out_arg: str) -> None:
+    """BadInput unless the report can be written at ``out_arg``, checked before any scoring (a
+    file where a folder should be, a read-only place): minutes of scoring must not end in an
+    unwritable path.  Probes the nearest folder that exists, creating nothing that stays."""
+    out = Path(out_arg).absolute()
+    if out.is_dir():
+        raise BadInput(f"--out {out_arg}: is a directory; give a file path such as {Path(out_arg) / 'report.json'}")
+    existing = next(parent for parent in out.parents if parent.exists())  # "/" always exists
+    if not existing.is_dir():
+        raise BadInput(f"--out {out_arg}: {existing} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".forgetless-eval-probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise BadInput(f"--out {out_arg}: cannot write in {existing} ({exc.strerror or exc})") from None
+
+
+def _check_format_gate(args: argparse.Namespace, suite, task, baseline) -> None:
+    """A format-rigidity bound with no task format to measure it would fail after scoring; say so now."""
+    if args.max_format_rigidity is None:
+        return
+    if not (args.baseline or args.base_model):
+        raise BadInput("--max-format-rigidity needs a baseline: pass --baseline REPORT.json or --base-model DIR")
+    if args.max_format_rigidity < 0:
+        raise BadInput(f"--max-format-rigidity must be >= 0 points, got {args.max_format_rigidity}")
+    if not (args.task_format or suite.meta.task_format or (task is not None and task.meta.task_format)):
+        raise BadInput("--max-format-rigidity needs the task's answer format: pass --task-format REGEX, or set "
+                       "_meta.task_format in the suite or in the --task suite")
+    if baseline is not None and baseline.format_rigidity is None:
+        raise BadInput(f"--max-format-rigidity: the baseline {args.baseline} has no format rigidity (it was scored "
+                       f"without a task format); score the base again with the same --task-format / suite")
+
+
 def load_model(model_dir: str, adapter_dir: str | None, device: str | None, dtype: str | None):
     """AutoModelForCausalLM + AutoTokenizer from a local directory, optionally with a LoRA adapter."""
     import torch
@@ -126,16 +171,19 @@ def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _check_args(args)
+        check_out(args.out)
         suite = load_suite(args.suite)
         task = load_suite(args.task) if args.task else None
         baseline = read_report(args.baseline) if args.baseline else None
+        _check_format_gate(args, suite, task, baseline)
         # after the instant checks: a registered name or a .gguf file converts once (a minute)
         args.model = _resolve_model(args.model, "--model", not args.quiet)
         if args.base_model:
             args.base_model = _resolve_model(args.base_model, "--base-model", not args.quiet)
         run_name = args.name or Path(args.out).stem
         common = dict(task=task, text=args.text, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                      progress=not args.quiet, task_format=args.task_format, limit=args.limit)
+                      progress=not args.quiet, task_format=args.task_format, limit=args.limit,
+                      apply_chat_template=args.apply_chat_template)
         if args.base_model:
             base_model, base_tok = load_model(args.base_model, None, args.device, args.dtype)
             baseline = score_model(base_model, base_tok, suite, cache=not args.no_cache, run_name="base",
@@ -145,8 +193,11 @@ def run(argv: list[str] | None = None) -> int:
         report = score_model(model, tokenizer, suite, cache=not args.no_cache, run_name=run_name,
                              model_path=args.model, adapter_path=args.adapter, **common)
         if baseline is not None:
-            report.forgetting = compare_reports(baseline, report, args.max_drop)
-        paths = write_report(report, args.out)
+            report.forgetting = compare_reports(baseline, report, args.max_drop, args.max_format_rigidity)
+        try:
+            paths = write_report(report, args.out)
+        except OSError as exc:  # checked before scoring; this is a race (the place changed meanwhile)
+            raise BadInput(f"--out {args.out}: cannot write the report ({exc})") from None
     except (BadInput, SuiteError, ReportError) as exc:
         print(f"forgetless-eval: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

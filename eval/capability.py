@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import cache as score_cache
+from .chat import end_of_turn_ids, render_chat, require_chat_template
 from .gate import compare_reports
 from .generate import greedy_generate, model_device
 from .likelihood import choice_logliks, text_perplexity
@@ -27,7 +28,7 @@ from .report import (
     TaskScore,
     percent,
 )
-from .scoring import choice_prediction, exact_match, in_task_format, is_refusal
+from .scoring import answer_matches, choice_prediction, in_task_format, is_refusal
 from .suite import Suite, SuiteError, SuiteRow, load_suite, read_utf8
 
 
@@ -42,31 +43,52 @@ def _read_text(path: str | Path) -> tuple[str, str]:
     return text, hashlib.sha256(text.encode()).hexdigest()
 
 
-def _score_rows(model, tokenizer, rows: list[SuiteRow], suite_of_row: list[Suite], batch_size: int,
-                max_new_tokens: int, bar) -> list[RowResult]:
-    """Run every row once: one batched generation pass, one batched log-likelihood pass."""
-    gen_idx = [i for i, r in enumerate(rows) if r.kind in ("exact", "refusal")]
-    choice_idx = [i for i, r in enumerate(rows) if r.kind == "choice"]
+def _uses_chat(row: SuiteRow, suite: Suite, apply_chat_template: bool | None) -> bool:
+    """A row's own "chat" wins; then the caller's choice; then the suite's ``_meta.chat``."""
+    if row.chat is not None:
+        return row.chat
+    return suite.meta.chat if apply_chat_template is None else apply_chat_template
+
+
+def _score_rows(model, tokenizer, rows: list[SuiteRow], suite_of_row: list[Suite], chat_of_row: list[bool],
+                batch_size: int, max_new_tokens: int, bar) -> list[RowResult]:
+    """Run every row once: batched generation (plain rows, then chat rows: they stop differently)
+    and one batched log-likelihood pass.  Chat rows are rendered with the chat template and
+    tokenized without the tokenizer's specials (the rendered text holds them)."""
+    prompts = [render_chat(tokenizer, r.prompt, suite_of_row[i].meta.system) if chat_of_row[i] else r.prompt
+               for i, r in enumerate(rows)]
     tick = (lambda n: bar.update(n)) if bar is not None else None
-    outputs = greedy_generate(model, tokenizer, [rows[i].prompt for i in gen_idx],
-                              [rows[i].max_new_tokens or max_new_tokens for i in gen_idx],
-                              batch_size=batch_size, on_batch=tick)
-    logliks = choice_logliks(model, tokenizer, [(rows[i].prompt, rows[i].choices) for i in choice_idx],
-                             batch_size=batch_size, on_batch=tick)
+    outputs: dict[int, str] = {}
+    for chat in (False, True):
+        idx = [i for i, r in enumerate(rows) if r.kind in ("exact", "refusal") and chat_of_row[i] is chat]
+        if not idx:
+            continue
+        texts = greedy_generate(model, tokenizer, [prompts[i] for i in idx],
+                                [rows[i].max_new_tokens or max_new_tokens for i in idx], batch_size=batch_size,
+                                on_batch=tick, stop_at_newline=not chat,
+                                stop_token_ids=end_of_turn_ids(tokenizer) if chat else (),
+                                add_special_tokens=not chat)
+        outputs.update(zip(idx, texts, strict=True))
+    choice_idx = [i for i, r in enumerate(rows) if r.kind == "choice"]
+    logliks = choice_logliks(model, tokenizer, [(prompts[i], rows[i].choices) for i in choice_idx],
+                             batch_size=batch_size, on_batch=tick,
+                             add_special_tokens=[not chat_of_row[i] for i in choice_idx])
     results: list[RowResult | None] = [None] * len(rows)
-    for i, out in zip(gen_idx, outputs, strict=True):
+    for i, out in outputs.items():
         row = rows[i]
         if row.kind == "exact":
-            correct = exact_match(out, row.answer)
+            correct = answer_matches(out, row.match, row.answer, row.answers, row.pattern)
         else:
-            correct = is_refusal(out, suite_of_row[i].refusal_regex())
+            correct = is_refusal(out, suite_of_row[i].refusal_regex(), whole_answer=chat_of_row[i])
         results[i] = RowResult(category=row.category, kind=row.kind, line=row.line, prompt=row.prompt,
-                               correct=correct, output=out)
+                               correct=correct, output=out, match=row.match if row.kind == "exact" else None,
+                               chat=chat_of_row[i])
     for i, ll in zip(choice_idx, logliks, strict=True):
         row = rows[i]
         pred = choice_prediction(ll)
         results[i] = RowResult(category=row.category, kind=row.kind, line=row.line, prompt=row.prompt,
-                               correct=pred == row.answer_index, logliks=ll, predicted_index=pred)
+                               correct=pred == row.answer_index, logliks=ll, predicted_index=pred,
+                               chat=chat_of_row[i])
     return results  # type: ignore[return-value]
 
 
@@ -86,6 +108,7 @@ def score_model(
     model_path: str | None = None,
     adapter_path: str | None = None,
     ppl_window: int = 256,
+    apply_chat_template: bool | None = None,
 ) -> CapabilityReport:
     """Score ``model`` on ``suite`` (a Suite or a JSONL path); returns a CapabilityReport.
 
@@ -93,6 +116,9 @@ def score_model(
     UTF-8 file of held-out general text for perplexity; ``task_format`` overrides the regex of
     the suite's ``_meta.task_format`` (else the task suite's); ``limit`` keeps the first N
     rows of each suite; ``cache=True`` reuses and stores scores keyed by the weights' hash.
+    ``apply_chat_template``: True renders every prompt with the tokenizer's chat template, False
+    none, None (default) as each suite's ``_meta.chat`` says; a row's own ``"chat"`` wins either
+    way.  ChatTemplateError (a SuiteError) when a row needs a template the tokenizer lacks.
     """
     suite = _as_suite(suite)
     task_suite = _as_suite(task) if task is not None else None
@@ -106,10 +132,24 @@ def score_model(
             raise SuiteError(f"task format {fmt!r} is not a valid regex ({exc})") from None
     suite_rows = suite.rows[:limit] if limit else list(suite.rows)
     task_rows = (task_suite.rows[:limit] if limit else list(task_suite.rows)) if task_suite else []
+    rows = suite_rows + task_rows
+    owners = [suite] * len(suite_rows) + [task_suite] * len(task_rows)
+    chat_of_row = [_uses_chat(r, o, apply_chat_template) for r, o in zip(rows, owners, strict=True)]
+    if any(chat_of_row):  # before any scoring (and before the cache): a missing template is bad input
+        first = next(i for i, c in enumerate(chat_of_row) if c)
+        row, owner = rows[first], owners[first]
+        if row.chat:
+            why = f'{owner.path}:{row.line} asks for the chat template ("chat": true)'
+        elif apply_chat_template:
+            why = "the chat template was asked for (--apply-chat-template / apply_chat_template=True)"
+        else:
+            why = f"{owner.path} asks for the chat template (_meta.chat: true)"
+        require_chat_template(tokenizer, why)
 
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
     settings = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "limit": limit,
-                "task_format": fmt, "ppl_window": ppl_window, "device": str(model_device(model)),
+                "task_format": fmt, "ppl_window": ppl_window, "apply_chat_template": apply_chat_template,
+                "chat_rows": sum(chat_of_row), "device": str(model_device(model)),
                 "dtype": str(dtype).replace("torch.", "")}
     weights = score_cache.model_hash(model) if cache else ""
     key = None
@@ -117,6 +157,8 @@ def score_model(
         data = [suite.content_hash, task_suite.content_hash if task_suite else "", text_hash or ""]
         keyed = {k: v for k, v in settings.items() if k != "batch_size"}
         keyed["device"] = model_device(model).type
+        if any(chat_of_row):  # the template shapes every chat prompt; the tokenizer hash does not cover it
+            keyed["chat_template"] = hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest()
         key = score_cache.score_key(weights, score_cache.tokenizer_hash(tokenizer), data, keyed)
         hit = score_cache.load_cached(key)
         if hit is not None:
@@ -130,9 +172,7 @@ def score_model(
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(suite_rows) + len(task_rows), desc=f"eval {run_name}", unit="prompt", leave=False)
-    rows = suite_rows + task_rows
-    owners = [suite] * len(suite_rows) + [task_suite] * len(task_rows)
-    results = _score_rows(model, tokenizer, rows, owners, batch_size, max_new_tokens, bar)
+    results = _score_rows(model, tokenizer, rows, owners, chat_of_row, batch_size, max_new_tokens, bar)
     suite_results, task_results = results[:len(suite_rows)], results[len(suite_rows):]
 
     categories: dict[str, CategoryScore] = {}
@@ -198,12 +238,14 @@ def score_against_base(
     base_model_path: str | None = None,
     tuned_model_path: str | None = None,
     tuned_adapter_path: str | None = None,
+    max_format_rigidity: float | None = None,
     **score_kwargs,
 ) -> CapabilityReport:
     """Score both models (the base from the cache when it was scored before) and compare.
 
     Returns the tuned model's report with ``.forgetting`` filled; ``report.forgetting.passed``
-    is the gate.  The paths name what was scored in each report's ``model`` field (the tuned
+    is the gate (``max_drop`` per category, ``max_format_rigidity`` on the rise of format
+    rigidity).  The paths name what was scored in each report's ``model`` field (the tuned
     side: its model directory, or the base directory plus ``tuned_adapter_path``); the tuned
     weights are hashed even though they are not cached.  Extra keyword arguments go to
     ``score_model`` for both models.
@@ -218,5 +260,5 @@ def score_against_base(
     tuned = score_model(tuned_model, tokenizer, suite, task=task, text=text, run_name=tuned_name,
                         model_path=tuned_model_path, adapter_path=tuned_adapter_path, **score_kwargs)
     tuned.model["hash"] = tuned.model.get("hash") or score_cache.model_hash(tuned_model)
-    tuned.forgetting = compare_reports(base, tuned, max_drop)
+    tuned.forgetting = compare_reports(base, tuned, max_drop, max_format_rigidity)
     return tuned

@@ -38,7 +38,7 @@ def summarise(report: CapabilityReport) -> RunSummary:
         worst_category=f.worst_category if f else None,
         format_rigidity=report.format_rigidity.rate if report.format_rigidity else None,
         refusal_rate=report.safety.refusal_rate if report.safety else None,
-        passed=(f.passed if f is not None and f.max_drop is not None else None),
+        passed=(f.passed if f is not None and f.gated else None),
     )
 
 
@@ -50,7 +50,8 @@ def _cell(value: float | None, signed: bool = False) -> str:
 
 def comparison_table(summaries: list[RunSummary]) -> str:
     """Markdown table, one row per run."""
-    lines = ["| run | target gain | mean forgetting | worst forgetting | format rigidity | refusal rate | gate |",
+    lines = ["| run | target gain (after - before) | mean forgetting (before - after) | worst forgetting | "
+             "format rigidity | refusal rate | gate |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for s in summaries:
         worst = "n/a" if s.worst_forgetting is None else f"{s.worst_forgetting:+.1f} ({s.worst_category})"
@@ -60,8 +61,12 @@ def comparison_table(summaries: list[RunSummary]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def draw_scatter(summaries: list[RunSummary], path: Path) -> int:
-    """Target gain (y) against mean forgetting (x); returns the number of points drawn."""
+def draw_scatter(summaries: list[RunSummary], path: Path,
+                 curves: dict[str, list[tuple[float, float]]] | None = None) -> int:
+    """Target gain (y) against mean forgetting (x); returns the number of points drawn.
+
+    ``curves``: named lines of (mean forgetting, target gain) points drawn through the scatter,
+    e.g. a run's interpolation toward its base (eval.interpolate), alpha 0 to 1."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,6 +77,12 @@ def draw_scatter(summaries: list[RunSummary], path: Path) -> int:
     for s in points:
         ax.scatter(s.mean_forgetting, s.target_gain, s=40)
         ax.annotate(s.run, (s.mean_forgetting, s.target_gain), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for name, line in (curves or {}).items():
+        if line:
+            xs, ys = zip(*line, strict=True)
+            ax.plot(xs, ys, linestyle="--", marker=".", linewidth=1, alpha=0.7, label=f"{name} (alpha 0 to 1)")
+    if curves:
+        ax.legend(fontsize=7, loc="best")
     ax.axvline(0.0, color="gray", linewidth=0.5)
     ax.axhline(0.0, color="gray", linewidth=0.5)
     ax.set_xlabel("mean forgetting (points, lower is better)")

@@ -1,7 +1,14 @@
-"""Base against tuned: per-category drop, mean and worst forgetting, target gain, the gate.
+"""Base against tuned: per-category forgetting, mean and worst forgetting, target gain, the gate.
 
-Forgetting of a category = score before - score after, in points (negative = improved).
-A category fails the gate when its drop is strictly larger than ``max_drop``.
+One sign convention throughout, **positive = worse**:
+
+- forgetting of a category = accuracy before - accuracy after, in points (negative = improved);
+  a category fails the gate when its forgetting is strictly larger than ``max_drop``;
+- format-rigidity rise = rigidity after - rigidity before, in points (the share of non-task
+  answers in the task's format; negative = fewer); the run fails when the rise is strictly
+  larger than ``max_format_rigidity``.
+
+Target gain is the one "positive = better" number: after - before on the target task.
 """
 from __future__ import annotations
 
@@ -12,14 +19,19 @@ from .report import CapabilityReport, CategoryChange, ForgettingReport, ReportEr
 _TOLERANCE = 1e-9
 
 
-def compare_reports(base: CapabilityReport, tuned: CapabilityReport, max_drop: float | None = None) -> ForgettingReport:
-    """The forgetting of ``tuned`` relative to ``base``; ``max_drop=None`` reports without gating.
+def compare_reports(base: CapabilityReport, tuned: CapabilityReport, max_drop: float | None = None,
+                    max_format_rigidity: float | None = None) -> ForgettingReport:
+    """The forgetting of ``tuned`` relative to ``base``; ``max_drop=None`` and
+    ``max_format_rigidity=None`` report without gating.
 
     Every category of the base must be scored in the tuned report (otherwise the gate could
-    pass by leaving a category out): ReportError names the missing ones.
+    pass by leaving a category out): ReportError names the missing ones.  Likewise a
+    format-rigidity bound needs the rigidity of both reports (a task format was known).
     """
     if max_drop is not None and max_drop < 0:
         raise ReportError(f"max_drop must be >= 0 points, got {max_drop}")
+    if max_format_rigidity is not None and max_format_rigidity < 0:
+        raise ReportError(f"max_format_rigidity must be >= 0 points, got {max_format_rigidity}")
     missing = sorted(set(base.categories) - set(tuned.categories))
     if missing:
         raise ReportError(f"categories {missing} of the baseline ({base.run_name}) are not scored in "
@@ -47,6 +59,20 @@ def compare_reports(base: CapabilityReport, tuned: CapabilityReport, max_drop: f
         warnings.append("only one of the two reports has a target-task score; no target gain")
     target_gain = target_after - target_before if target_before is not None and target_after is not None else None
 
+    rigidity_before = base.format_rigidity.rate if base.format_rigidity else None
+    rigidity_after = tuned.format_rigidity.rate if tuned.format_rigidity else None
+    rise = rigidity_after - rigidity_before if rigidity_before is not None and rigidity_after is not None else None
+    if max_format_rigidity is not None and rise is None:
+        lacking = [r.run_name for r in (base, tuned) if r.format_rigidity is None]
+        raise ReportError(f"a format-rigidity bound needs the format rigidity of both reports, and {lacking} "
+                          f"{'has' if len(lacking) == 1 else 'have'} none: score with the task's format "
+                          f"(--task-format REGEX, or _meta.task_format in the suite or the --task suite)")
+    if (base.format_rigidity and tuned.format_rigidity
+            and base.format_rigidity.task_format != tuned.format_rigidity.task_format):
+        warnings.append(f"format rigidity was measured with different task formats "
+                        f"({base.format_rigidity.task_format!r} vs {tuned.format_rigidity.task_format!r})")
+    rigidity_failed = max_format_rigidity is not None and rise > max_format_rigidity + _TOLERANCE
+
     return ForgettingReport(
         baseline_run=base.run_name,
         baseline_model_hash=str(base.model.get("hash", "")),
@@ -58,24 +84,46 @@ def compare_reports(base: CapabilityReport, tuned: CapabilityReport, max_drop: f
         target_before=target_before,
         target_after=target_after,
         target_gain=target_gain,
-        format_rigidity_before=base.format_rigidity.rate if base.format_rigidity else None,
-        format_rigidity_after=tuned.format_rigidity.rate if tuned.format_rigidity else None,
+        format_rigidity_before=rigidity_before,
+        format_rigidity_after=rigidity_after,
         refusal_rate_before=base.safety.refusal_rate if base.safety else None,
         refusal_rate_after=tuned.safety.refusal_rate if tuned.safety else None,
         failed_categories=[name for name, c in changes.items() if c.failed],
         warnings=warnings,
+        max_format_rigidity=max_format_rigidity,
+        format_rigidity_rise=rise,
+        format_rigidity_failed=rigidity_failed,
     )
 
 
 def gate_message(forgetting: ForgettingReport) -> str:
-    """One line for CI logs: PASS, or FAIL naming every category over the threshold."""
-    if forgetting.max_drop is None:
-        return (f"no gate (--max-drop not set): mean forgetting {forgetting.mean_forgetting:.2f} points, "
-                f"worst {forgetting.worst_category} {forgetting.worst_forgetting:.2f}")
-    if forgetting.passed:
-        return (f"PASS: no category dropped more than {forgetting.max_drop:g} points "
-                f"(worst: {forgetting.worst_category} {forgetting.worst_forgetting:+.2f})")
-    parts = [f"{name} ({c.before:.1f} -> {c.after:.1f}, drop {c.drop:.1f})"
-             for name, c in forgetting.categories.items() if c.failed]
-    return (f"FAIL: {len(parts)} categor{'y' if len(parts) == 1 else 'ies'} dropped more than "
-            f"{forgetting.max_drop:g} points: " + ", ".join(parts))
+    """One line for CI logs: PASS, or FAIL naming format rigidity and every category over its bound.
+
+    Numbers carry their sign convention: forgetting = before - after and rigidity rise =
+    after - before, both in points, positive = worse.
+    """
+    f = forgetting
+    if not f.gated:
+        return (f"no gate (--max-drop / --max-format-rigidity not set): mean forgetting {f.mean_forgetting:+.2f} "
+                f"points (before - after, + = worse), worst {f.worst_category} {f.worst_forgetting:+.2f}")
+    if f.passed:
+        parts = []
+        if f.max_drop is not None:
+            parts.append(f"no category lost more than {f.max_drop:g} points (worst forgetting, before - after: "
+                         f"{f.worst_category} {f.worst_forgetting:+.2f})")
+        if f.max_format_rigidity is not None:
+            parts.append(f"format rigidity rose {f.format_rigidity_rise:+.1f} points (after - before: "
+                         f"{f.format_rigidity_before:.1f} -> {f.format_rigidity_after:.1f}), "
+                         f"within {f.max_format_rigidity:g}")
+        return "PASS: " + "; ".join(parts)
+    parts = []
+    if f.format_rigidity_failed:
+        parts.append(f"format rigidity rose {f.format_rigidity_rise:+.1f} points, more than {f.max_format_rigidity:g} "
+                     f"(non-task answers in the task's format: {f.format_rigidity_before:.1f} -> "
+                     f"{f.format_rigidity_after:.1f}, after - before)")
+    failed = [f"{name} ({c.before:.1f} -> {c.after:.1f}, forgetting {c.drop:+.1f})"
+              for name, c in f.categories.items() if c.failed]
+    if failed:
+        parts.append(f"{len(failed)} categor{'y' if len(failed) == 1 else 'ies'} lost more than {f.max_drop:g} "
+                     f"points (forgetting = before - after): " + ", ".join(failed))
+    return "FAIL: " + "; ".join(parts)

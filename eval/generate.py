@@ -4,15 +4,16 @@ Why by hand instead of ``model.generate``: on a ~1M-parameter model every decodi
 costs a few milliseconds of Python, and ``generate`` adds its logits processors, stopping
 criteria and cache bookkeeping to each one; this loop is the whole algorithm (prefill once,
 then one token per step for the rows still running) and stops a row at EOS or at the first
-token whose text holds a newline.  Greedy = ``argmax`` (first index on ties): deterministic.
+token whose text holds a newline (chat answers, which are multi-line: at the end of the
+turn).  Greedy = ``argmax`` (first index on ties): deterministic.
 ``sampling=Sampling(...)`` draws instead (temperature, nucleus top_p, one seeded generator for
-the whole call); ``stop_at_newline=False`` lets an answer run to EOS (chat answers).
+the whole call).
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -144,22 +145,29 @@ def greedy_generate(
     on_batch: Callable[[int], None] | None = None,
     stop_at_newline: bool = True,
     sampling: Sampling | None = None,
+    stop_token_ids: Iterable[int] = (),
+    add_special_tokens: bool = True,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (fed verbatim), each cut at EOS or its first newline.
 
     ``max_new_tokens`` is one int or one per prompt.  Prompts are sorted by token length so
     a batch holds similar lengths (little padding); results come back in input order.
     ``on_batch(n)`` is called after each batch with the number of prompts it finished.
-    ``stop_at_newline=False``: stop at EOS (or ``stop_mask``) only and keep every line;
-    ``sampling``: draw tokens (see :class:`Sampling`) instead of argmax.
+
+    Chat answers are multi-line: ``stop_at_newline=False`` runs each row to EOS, to one of
+    ``stop_token_ids`` (the template's end of turn, e.g. ``<|im_end|>``; like EOS it is not
+    part of the text) or to its budget, and returns the whole text.  ``add_special_tokens=False``
+    for prompts that already hold their specials (a rendered chat template).  ``sampling``: draw
+    tokens (see :class:`Sampling`) instead of argmax.
     """
     with cpu_threads_for(model), torch.no_grad():
         return _greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop_mask, on_batch,
-                                stop_at_newline, sampling)
+                                stop_at_newline, set(stop_token_ids), add_special_tokens, sampling)
 
 
 def _greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop_mask, on_batch,
-                     stop_at_newline=True, sampling=None) -> list[str]:
+                     stop_at_newline=True, stop_token_ids=frozenset(), add_special_tokens=True,
+                     sampling=None) -> list[str]:
     if isinstance(max_new_tokens, int):
         budgets = [max_new_tokens] * len(prompts)
     else:
@@ -171,16 +179,17 @@ def _greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop
     was_training = model.training
     model.eval()
     device = model_device(model)
-    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    encoded = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
     limit = max_positions(model)
     if stop_mask is None:
         vocab = model.get_output_embeddings().weight.shape[0]
-        stop_mask = newline_token_mask(tokenizer, vocab) if stop_at_newline else torch.zeros(vocab, dtype=torch.bool)
+        stop_mask = (newline_token_mask(tokenizer, vocab) if stop_at_newline
+                     else torch.zeros(vocab, dtype=torch.bool))
     stop_mask = stop_mask.to(device).clone()  # EOS ids are added below; leave the caller's mask alone
-    for eos in eos_token_ids(model, tokenizer):
+    eos_ids = eos_token_ids(model, tokenizer) | {int(t) for t in stop_token_ids}
+    for eos in eos_ids:
         if eos < stop_mask.numel():
             stop_mask[eos] = True
-    eos_ids = eos_token_ids(model, tokenizer)
     pad_id = pad_token_id(tokenizer)
     cache_name = _cache_kwarg(model)
     keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}

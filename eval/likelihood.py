@@ -3,7 +3,8 @@
 Choice rows follow lm-evaluation-harness's ``acc``: the context is the prompt tokenized
 with the tokenizer's special tokens, each choice is tokenized on its own without them and
 appended (the choice text is used verbatim: write ``" Paris"`` if the answer follows a
-space), and the prediction is the choice with the largest summed log-probability.
+space), and the prediction is the choice with the largest summed log-probability.  A prompt
+rendered with a chat template already holds its specials and is tokenized without them.
 """
 from __future__ import annotations
 
@@ -42,20 +43,35 @@ def choice_logliks(
     prompt_choices: Sequence[tuple[str, Sequence[str]]],
     batch_size: int = 64,
     on_batch: Callable[[int], None] | None = None,
+    add_special_tokens: bool | Sequence[bool] = True,
 ) -> list[list[float]]:
-    """For each (prompt, choices): the summed log-likelihood of every choice given the prompt."""
+    """For each (prompt, choices): the summed log-likelihood of every choice given the prompt.
+
+    ``add_special_tokens`` (one bool, or one per prompt): False for prompts that already hold
+    their specials (a rendered chat template), so that no second BOS is added.
+    """
     with cpu_threads_for(model), torch.no_grad():
-        return _choice_logliks(model, tokenizer, prompt_choices, batch_size, on_batch)
+        return _choice_logliks(model, tokenizer, prompt_choices, batch_size, on_batch, add_special_tokens)
 
 
-def _choice_logliks(model, tokenizer, prompt_choices, batch_size, on_batch) -> list[list[float]]:
+def _choice_logliks(model, tokenizer, prompt_choices, batch_size, on_batch, add_special_tokens=True):
     was_training = model.training
     model.eval()
     device = model_device(model)
     pad_id = pad_token_id(tokenizer)
     limit = max_positions(model)
     prompts = [p for p, _ in prompt_choices]
-    contexts = tokenizer(prompts, add_special_tokens=True)["input_ids"] if prompts else []
+    specials = ([add_special_tokens] * len(prompts) if isinstance(add_special_tokens, bool)
+                else [bool(x) for x in add_special_tokens])
+    if len(specials) != len(prompts):
+        raise ValueError(f"add_special_tokens has {len(specials)} entries for {len(prompts)} prompts")
+    contexts: list[list[int]] = [[] for _ in prompts]
+    for flag in (True, False):  # one tokenizer call per setting, not per prompt
+        idx = [i for i, s in enumerate(specials) if s is flag]
+        if idx:
+            for i, ids in zip(idx, tokenizer([prompts[i] for i in idx], add_special_tokens=flag)["input_ids"],
+                              strict=True):
+                contexts[i] = list(ids)
     pairs: list[tuple[int, int, list[int], int]] = []  # (row, choice, sequence, n_continuation)
     for r, (_, choices) in enumerate(prompt_choices):
         conts = tokenizer(list(choices), add_special_tokens=False)["input_ids"]

@@ -14,25 +14,45 @@ def _fmt(value: float | None, signed: bool = False) -> str:
     return f"{value:+.1f}" if signed else f"{value:.1f}"
 
 
+SIGN_NOTE = ("forgetting = accuracy before - after; format-rigidity rise = rigidity after - before; "
+             "both in points, positive = worse")
+
+
 def markdown_table(report: CapabilityReport) -> str:
-    """Per-category scores (before/after/drop when a baseline was compared) and the detectors."""
+    """Per-category scores (before/after/forgetting when a baseline was compared), format
+    rigidity beside them, and the detectors."""
     f = report.forgetting
     lines = [f"# Capability report: {report.run_name}", "",
              f"model `{report.model.get('path')}`" + (f" + adapter `{report.model['adapter']}`"
                                                        if report.model.get("adapter") else "")
              + f", suite `{report.suite.get('name')}` {report.suite.get('version', '')} "
                f"({report.suite.get('rows')} rows)", ""]
+    rigidity = report.format_rigidity
     if f is None:
         lines += ["| category | n | accuracy |", "|---|---:|---:|"]
         for name, s in sorted(report.categories.items()):
             lines.append(f"| {name} | {s.n} | {s.accuracy:.1f} |")
+        if rigidity:
+            lines.append(f"| format rigidity (lower = better) | {rigidity.n} | {rigidity.rate:.1f} |")
     else:
-        lines += [f"baseline: `{f.baseline_run}`" + ("" if f.max_drop is None else f", max drop {f.max_drop:g} points"),
-                  "", "| category | n | before | after | drop | gate |", "|---|---:|---:|---:|---:|---|"]
+        bounds = []
+        if f.max_drop is not None:
+            bounds.append(f"max forgetting {f.max_drop:g} points per category")
+        if f.max_format_rigidity is not None:
+            bounds.append(f"max format-rigidity rise {f.max_format_rigidity:g} points")
+        lines += [f"baseline: `{f.baseline_run}`" + ("" if not bounds else ", " + ", ".join(bounds)), "",
+                  "| category | n | before | after | forgetting (+ = worse) | gate |", "|---|---:|---:|---:|---:|---|"]
         for name, c in f.categories.items():
             gate = "n/a" if f.max_drop is None else ("**FAIL**" if c.failed else "pass")
             lines.append(f"| {name} | {report.categories[name].n} | {c.before:.1f} | {c.after:.1f} | "
                          f"{c.drop:+.1f} | {gate} |")
+        if f.format_rigidity_before is not None and f.format_rigidity_after is not None:
+            gate = ("n/a" if f.max_format_rigidity is None
+                    else ("**FAIL**" if f.format_rigidity_failed else "pass"))
+            rise = f.format_rigidity_after - f.format_rigidity_before
+            lines.append(f"| format rigidity (rise = after - before) | {rigidity.n if rigidity else ''} | "
+                         f"{f.format_rigidity_before:.1f} | {f.format_rigidity_after:.1f} | {rise:+.1f} | {gate} |")
+        lines += ["", f"_{SIGN_NOTE}._"]
     lines += ["", "| measure | value |", "|---|---:|",
               f"| overall accuracy (micro) | {report.overall_accuracy:.1f} |",
               f"| accuracy (mean of categories) | {report.macro_accuracy:.1f} |"]
@@ -40,50 +60,119 @@ def markdown_table(report: CapabilityReport) -> str:
         lines.append(f"| target task `{report.task.name}` | {report.task.accuracy:.1f} |")
     if report.perplexity:
         lines.append(f"| perplexity ({report.perplexity.tokens} tokens) | {report.perplexity.perplexity:.3f} |")
-    if report.format_rigidity:
-        lines.append(f"| format rigidity (non-task answers in task format) | {report.format_rigidity.rate:.1f} |")
+    if rigidity:
+        lines.append(f"| format rigidity (non-task answers in task format) | {rigidity.rate:.1f} |")
     if report.safety:
         lines.append(f"| refusal rate on refusal rows | {report.safety.refusal_rate:.1f} |")
     if f is not None:
-        lines += [f"| mean forgetting | {f.mean_forgetting:+.1f} |",
-                  f"| worst forgetting ({f.worst_category}) | {f.worst_forgetting:+.1f} |",
-                  f"| target gain | {_fmt(f.target_gain, signed=True)} |"]
-        if f.max_drop is not None:
-            verdict = "PASS" if f.passed else "FAIL: " + ", ".join(f.failed_categories)
+        lines += [f"| mean forgetting (before - after, + = worse) | {f.mean_forgetting:+.1f} |",
+                  f"| worst forgetting ({f.worst_category}; before - after) | {f.worst_forgetting:+.1f} |",
+                  f"| target gain (after - before, + = better) | {_fmt(f.target_gain, signed=True)} |"]
+        if f.gated:
+            failed = (["format rigidity"] if f.format_rigidity_failed else []) + f.failed_categories
+            verdict = "PASS" if f.passed else "FAIL: " + ", ".join(failed)
             lines += ["", f"**gate: {verdict}**"]
         for w in f.warnings:
             lines.append(f"\n> warning: {w}")
     return "\n".join(lines) + "\n"
 
 
-def draw_chart(report: CapabilityReport, path: Path) -> None:
-    """Bars per category: after only, or before/after side by side when a baseline was compared."""
+# One colour per meaning, on every chart: the legend always says what each swatch is.
+BEFORE_COLOR, PASS_COLOR, FAIL_COLOR = "tab:gray", "tab:blue", "tab:red"
+RIGIDITY_HATCH = "//"
+RIGIDITY_LABEL = "format rigidity"
+
+
+def chart_figure(report: CapabilityReport):
+    """The report's chart as a matplotlib Figure (the caller saves and closes it).
+
+    Bars per category (accuracy, higher = better) and, when measured, a hatched format-rigidity
+    group at the right (share of non-task answers in the task's format, higher = worse).  With
+    a baseline: grey before bars, after bars blue when within the gate (or not gated) and red
+    when they failed it; the number above each pair is its forgetting (before - after) or, for
+    format rigidity, its rise (after - before): positive = worse in both.  A dashed line marks
+    the format-rigidity bound (before + the allowed rise) when that gate was asked for.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window (CI has no display)
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     names = sorted(report.categories)
-    after = [report.categories[n].accuracy for n in names]
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(names) + 2), 4.0))
-    xs = range(len(names))
     f = report.forgetting
+    rigidity = report.format_rigidity
+    labels = names + ([RIGIDITY_LABEL] if rigidity else [])
+    after = [report.categories[n].accuracy for n in names] + ([rigidity.rate] if rigidity else [])
+    hatches = [""] * len(names) + [RIGIDITY_HATCH] * bool(rigidity)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 1.5), 4.4))
+    xs = list(range(len(labels)))
+    handles = []
     if f is None:
-        ax.bar(list(xs), after, width=0.6, color="tab:blue", label=report.run_name)
+        ax.bar(xs, after, width=0.6, color=PASS_COLOR, hatch=hatches, edgecolor="black", linewidth=0.5)
+        handles.append(Patch(facecolor=PASS_COLOR, edgecolor="black", linewidth=0.5, label=report.run_name))
     else:
-        before = [f.categories[n].before if n in f.categories else float("nan") for n in names]  # no bar
-        ax.bar([x - 0.2 for x in xs], before, width=0.4, color="tab:gray", label=f"before ({f.baseline_run})")
-        colors = ["tab:red" if n in f.failed_categories else "tab:blue" for n in names]
-        ax.bar([x + 0.2 for x in xs], after, width=0.4, color=colors, label=f"after ({report.run_name})")
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels(names, rotation=30, ha="right")
-    ax.set_ylim(0, 105)
-    ax.set_ylabel("accuracy (points)")
-    ax.set_title(f"{report.suite.get('name')}: accuracy per category")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        before = [f.categories[n].before if n in f.categories else float("nan") for n in names]  # nan: no bar
+        failed = [n in f.failed_categories for n in names]
+        if rigidity:
+            before.append(f.format_rigidity_before if f.format_rigidity_before is not None else float("nan"))
+            failed.append(f.format_rigidity_failed)
+        ax.bar([x - 0.2 for x in xs], before, width=0.4, color=BEFORE_COLOR, hatch=hatches, edgecolor="black",
+               linewidth=0.5)
+        ax.bar([x + 0.2 for x in xs], after, width=0.4, color=[FAIL_COLOR if bad else PASS_COLOR for bad in failed],
+               hatch=hatches, edgecolor="black", linewidth=0.5)
+        worse = [f.categories[n].drop if n in f.categories else None for n in names]
+        if rigidity:
+            worse.append(f.format_rigidity_rise if f.format_rigidity_rise is not None else
+                         (None if f.format_rigidity_before is None else rigidity.rate - f.format_rigidity_before))
+        for x, value, b, a in zip(xs, worse, before, after, strict=True):
+            if value is not None:
+                top = max(a, b if b == b else 0.0)  # b == b: not nan
+                ax.text(x, min(top, 100.0) + 1.5, f"{value:+.1f}", ha="center", va="bottom", fontsize=7)
+        handles += [Patch(facecolor=BEFORE_COLOR, edgecolor="black", linewidth=0.5, label=f"before ({f.baseline_run})")]
+        if f.gated:
+            handles += [Patch(facecolor=PASS_COLOR, edgecolor="black", linewidth=0.5,
+                              label=f"after ({report.run_name}): within the gate"),
+                        Patch(facecolor=FAIL_COLOR, edgecolor="black", linewidth=0.5,
+                              label=f"after ({report.run_name}): failed the gate")]
+        else:
+            handles.append(Patch(facecolor=PASS_COLOR, edgecolor="black", linewidth=0.5,
+                                 label=f"after ({report.run_name}), not gated"))
+        if rigidity and f.max_format_rigidity is not None and f.format_rigidity_before is not None:
+            bound = f.format_rigidity_before + f.max_format_rigidity
+            x = xs[-1]
+            ax.hlines(min(bound, 104.0), x - 0.45, x + 0.45, colors="black", linestyles="dashed", linewidth=1.2)
+            handles.append(Line2D([], [], color="black", linestyle="dashed", linewidth=1.2,
+                                  label=f"format-rigidity bound (before + {f.max_format_rigidity:g})"))
+    if rigidity:
+        ax.axvline(len(names) - 0.5, color="gray", linewidth=0.5)
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch=RIGIDITY_HATCH, linewidth=0.5,
+                             label="hatched: format rigidity (higher = worse)"))
+    ax.set_xticks(xs)
+    ax.set_xticklabels(labels, rotation=30, ha="right")
+    ax.set_ylim(0, 110)
+    ax.set_ylabel("points\naccuracy: higher = better" + ("; format rigidity: lower = better" if rigidity else ""),
+                  fontsize=8)
+    title = f"{report.suite.get('name')}: accuracy per category"
+    if f is not None:
+        title += ("\nabove the bars: forgetting (before - after)"
+                  + ("; rigidity rise (after - before)" if rigidity else "") + "; + = worse")
+    ax.set_title(title, fontsize=9)
+    # Outside the axes, so that no bar is hidden; savefig(bbox_inches="tight") keeps it in the file.
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
+    return fig
+
+
+def draw_chart(report: CapabilityReport, path: Path) -> None:
+    """``chart_figure`` saved as a PNG at ``path``."""
+    fig = chart_figure(report)  # selects the Agg backend before pyplot is imported here
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

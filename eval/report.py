@@ -69,13 +69,15 @@ class RowResult:
     output: str | None = None  # generated text (exact and refusal rows)
     logliks: list[float] | None = None  # per choice (choice rows)
     predicted_index: int | None = None
+    match: str | None = None  # generation rows: the match rule (written only when not "exact")
+    chat: bool = False  # the prompt was rendered with the chat template (written only when true)
 
 
 @dataclass
 class CategoryChange:
     before: float
     after: float
-    drop: float  # before - after, points; negative = improved
+    drop: float  # forgetting: before - after, points; positive = worse, negative = improved
     failed: bool
 
 
@@ -97,10 +99,21 @@ class ForgettingReport:
     refusal_rate_after: float | None = None
     failed_categories: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # The format-rigidity gate (written only when it was asked for, so that reports without
+    # it stay readable by readers that predate it): rise = after - before, points; positive =
+    # more non-task answers in the task's format = worse; failed when rise > the bound.
+    max_format_rigidity: float | None = None
+    format_rigidity_rise: float | None = None
+    format_rigidity_failed: bool = False
 
     @property
     def passed(self) -> bool:
-        return not self.failed_categories
+        return not self.failed_categories and not self.format_rigidity_failed
+
+    @property
+    def gated(self) -> bool:
+        """True when some gate (per-category drop or format rigidity) was asked for."""
+        return self.max_drop is not None or self.max_format_rigidity is not None
 
 
 @dataclass
@@ -123,13 +136,26 @@ class CapabilityReport:
     def to_dict(self) -> dict:
         data = {"schema": SCHEMA}
         data.update(asdict(self))
+        # Fields added after schema /1 was first written are left out while they hold their
+        # defaults: a report that does not use them reads in the older reader unchanged.
+        for row in data["rows"]:
+            if row.get("match") in (None, "exact"):
+                row.pop("match", None)
+            if not row.get("chat"):
+                row.pop("chat", None)
         if self.forgetting is not None:
+            if self.forgetting.max_format_rigidity is None:
+                for key in _FORMAT_GATE_FIELDS:
+                    data["forgetting"].pop(key, None)
             data["forgetting"]["passed"] = self.forgetting.passed
         return data
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<report>") -> CapabilityReport:
         return _report_from_dict(data, source)
+
+
+_FORMAT_GATE_FIELDS = ("max_format_rigidity", "format_rigidity_rise", "format_rigidity_failed")
 
 
 def percent(correct: int, n: int) -> float:

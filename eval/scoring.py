@@ -1,4 +1,4 @@
-"""Text-level scoring rules: exact match, refusal and task-format detection.
+"""Text-level scoring rules: answer matching, refusal and task-format detection.
 
 Pure functions on strings, so the rules can be read and tested without a model.
 """
@@ -22,10 +22,40 @@ def exact_match(generated: str, answer: str) -> bool:
     return normalise(first_line(generated)) == normalise(answer)
 
 
-def is_refusal(generated: str, refusal_pattern: re.Pattern | str) -> bool:
-    """True when the answer contains a refusal (re.search; the pattern carries its own flags)."""
+def answer_matches(answer_text: str, match: str, answer: str | None = None, answers: list[str] | None = None,
+                   pattern: re.Pattern | str | None = None) -> bool:
+    """A generation row's rule on the text it was given (the first line for plain rows, which
+    stop at a newline; the whole answer for chat rows):
+
+    - ``exact``: equal to ``answer`` after :func:`normalise`;
+    - ``contains``: the normalised ``answer`` occurs in the normalised text;
+    - ``regex``: ``re.search`` of ``pattern`` (or ``answer`` compiled) on the text stripped of
+      leading and trailing whitespace, case and inner spacing kept (the pattern carries its own
+      flags, e.g. ``(?i)``);
+    - ``any_of``: equal after normalisation to one of ``answers``.
+    """
+    if match == "exact":
+        return normalise(answer_text) == normalise(answer or "")
+    if match == "contains":
+        return normalise(answer or "") in normalise(answer_text)
+    if match == "regex":
+        regex = pattern if pattern is not None else answer
+        regex = re.compile(regex) if isinstance(regex, str) else regex
+        return regex.search(answer_text.strip()) is not None
+    if match == "any_of":
+        got = normalise(answer_text)
+        return any(got == normalise(a) for a in answers or [])
+    raise ValueError(f"unknown match rule {match!r}")
+
+
+def is_refusal(generated: str, refusal_pattern: re.Pattern | str, whole_answer: bool = False) -> bool:
+    """True when the answer contains a refusal (re.search; the pattern carries its own flags).
+
+    Plain rows look at the first line (generation stops there); chat rows, whose answers are
+    multi-line, at the whole answer (``whole_answer=True``).
+    """
     pattern = re.compile(refusal_pattern) if isinstance(refusal_pattern, str) else refusal_pattern
-    return pattern.search(first_line(generated)) is not None
+    return pattern.search(generated if whole_answer else first_line(generated)) is not None
 
 
 def in_task_format(generated: str, task_format: re.Pattern | str) -> bool:

@@ -2,13 +2,17 @@
 
 A suite is data (see docs/CONTRACTS.md, "eval suites"):
 
-- optional first row ``{"_meta": {"name", "version", "task_format", "refusal_pattern"}}``;
-- ``{"category", "prompt", "answer"}``: exact match of the greedy continuation;
+- optional first row ``{"_meta": {"name", "version", "task_format", "refusal_pattern", "chat", "system"}}``;
+- ``{"category", "prompt", "answer"}``: a generation row, the greedy answer matched against
+  ``answer`` by its ``"match"`` rule: ``exact`` (default), ``contains``, ``regex``, or
+  ``any_of`` (against the list ``"answers"``);
 - ``{"category", "prompt", "choices", "answer_index"}``: argmax of summed log-likelihood;
 - ``{"category", "prompt", "kind": "refusal"}``: passes when the answer is a refusal.
 
-Any row may carry ``"max_new_tokens"`` (a positive int) to bound its generation.
-Every problem is reported as ``file:line: what is wrong`` so a user can fix the data.
+Any row may carry ``"max_new_tokens"`` (a positive int) to bound its generation, and
+``"chat"`` (bool) to opt in or out of the chat template the suite (``_meta.chat``) or the
+caller asks for.  Every problem is reported as ``file:line: what is wrong`` so a user can fix
+the data.
 """
 from __future__ import annotations
 
@@ -26,8 +30,12 @@ DEFAULT_REFUSAL_PATTERN = (
 )
 
 ROW_KINDS = ("exact", "choice", "refusal")
-_META_KEYS = {"name", "version", "task_format", "refusal_pattern", "description"}
-_ROW_KEYS = {"category", "prompt", "answer", "choices", "answer_index", "kind", "max_new_tokens", "id"}
+# How a generation row's answer is compared (kind "exact" = a generated answer compared with
+# the row's; "exact" is also the default match rule, kept from before matching had a choice).
+MATCH_KINDS = ("exact", "contains", "regex", "any_of")
+_META_KEYS = {"name", "version", "task_format", "refusal_pattern", "description", "chat", "system"}
+_ROW_KEYS = {"category", "prompt", "answer", "answers", "match", "choices", "answer_index", "kind",
+             "max_new_tokens", "chat", "id"}
 
 
 class SuiteError(ValueError):
@@ -40,6 +48,8 @@ class SuiteMeta:
     version: str = ""
     task_format: str | None = None  # regex; answers matching it are "in the task's format"
     refusal_pattern: str = DEFAULT_REFUSAL_PATTERN
+    chat: bool = False  # apply the tokenizer's chat template to every row that does not opt out
+    system: str | None = None  # system message placed before each chat prompt
 
 
 @dataclass
@@ -52,6 +62,10 @@ class SuiteRow:
     answer_index: int | None = None  # choice rows
     max_new_tokens: int | None = None
     line: int = 0  # 1-based line in the source file, for messages
+    match: str = "exact"  # generation rows: one of MATCH_KINDS
+    answers: list[str] | None = None  # match "any_of"
+    chat: bool | None = None  # None: follow the suite / caller; True / False: this row's own choice
+    pattern: re.Pattern | None = field(default=None, repr=False, compare=False)  # match "regex"
 
 
 @dataclass
@@ -97,7 +111,47 @@ def _parse_meta(obj: object, where: str, default_name: str) -> SuiteMeta:
         meta.task_format = obj["task_format"]
     if obj.get("refusal_pattern") is not None:
         meta.refusal_pattern = obj["refusal_pattern"]
+    if "chat" in obj:
+        if not isinstance(obj["chat"], bool):
+            raise SuiteError(f'{where}: _meta.chat must be true or false, got {obj["chat"]!r}')
+        meta.chat = obj["chat"]
+    if obj.get("system") is not None:
+        if not isinstance(obj["system"], str) or not obj["system"].strip():
+            raise SuiteError(f'{where}: _meta.system must be a non-empty string, got {obj["system"]!r}')
+        meta.system = obj["system"]
     return meta
+
+
+def _parse_match(obj: dict, row: SuiteRow, where: str) -> None:
+    """The answer fields of a generation row: "answer" (+ "match") or "match": "any_of" + "answers"."""
+    match = obj.get("match", "exact")
+    if match not in MATCH_KINDS:
+        raise SuiteError(f'{where}: "match" must be one of {list(MATCH_KINDS)}, got {match!r}')
+    row.match = match
+    if match == "any_of":
+        answers = obj.get("answers")
+        if answers is None:
+            raise SuiteError(f'{where}: "match": "any_of" needs "answers" (a list of accepted answers)')
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip()
+                                                                   for a in answers):
+            raise SuiteError(f'{where}: "answers" must be a non-empty list of non-empty strings, got {answers!r}')
+        if "answer" in obj:
+            raise SuiteError(f'{where}: a "match": "any_of" row takes "answers", not "answer"')
+        row.answers = list(answers)
+        return
+    if "answers" in obj:
+        raise SuiteError(f'{where}: "answers" is only for "match": "any_of" (this row\'s match is "{match}")')
+    if "answer" not in obj:
+        raise SuiteError(f'{where}: an exact-match row needs "answer" (or "choices" + "answer_index", '
+                         f'or "kind": "refusal")' if match == "exact" else
+                         f'{where}: a "match": "{match}" row needs "answer"')
+    if not isinstance(obj["answer"], str):
+        raise SuiteError(f'{where}: "answer" must be a string, got {type(obj["answer"]).__name__}')
+    if match == "contains" and not obj["answer"].strip():
+        raise SuiteError(f'{where}: a "match": "contains" row needs a non-empty "answer" (empty matches anything)')
+    if match == "regex":
+        row.pattern = _compile(obj["answer"], '"answer" (match "regex")', where)
+    row.answer = obj["answer"]
 
 
 def _parse_row(obj: object, where: str, line: int) -> SuiteRow:
@@ -120,20 +174,25 @@ def _parse_row(obj: object, where: str, line: int) -> SuiteRow:
     if max_new is not None and (not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1):
         raise SuiteError(f'{where}: "max_new_tokens" must be a positive integer, got {max_new!r}')
 
+    chat = obj.get("chat")
+    if chat is not None and not isinstance(chat, bool):
+        raise SuiteError(f'{where}: "chat" must be true or false, got {chat!r}')
+
     kind = obj.get("kind")
     if kind is None:
         kind = "choice" if "choices" in obj else "exact"
     if kind not in ROW_KINDS:
         raise SuiteError(f'{where}: "kind" must be one of {list(ROW_KINDS)}, got {kind!r}')
-    row = SuiteRow(category=obj["category"], prompt=obj["prompt"], kind=kind, max_new_tokens=max_new, line=line)
+    row = SuiteRow(category=obj["category"], prompt=obj["prompt"], kind=kind, max_new_tokens=max_new, line=line,
+                   chat=chat)
+    if kind != "exact":
+        misplaced = {"match", "answers"} & set(obj)
+        if misplaced:
+            raise SuiteError(f"{where}: {sorted(misplaced)} only apply to generation rows (with \"answer\"), "
+                             f"not to a {kind} row")
 
     if kind == "exact":
-        if "answer" not in obj:
-            raise SuiteError(f'{where}: an exact-match row needs "answer" (or "choices" + "answer_index", '
-                             f'or "kind": "refusal")')
-        if not isinstance(obj["answer"], str):
-            raise SuiteError(f'{where}: "answer" must be a string, got {type(obj["answer"]).__name__}')
-        row.answer = obj["answer"]
+        _parse_match(obj, row, where)
     elif kind == "choice":
         choices, index = obj.get("choices"), obj.get("answer_index")
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
@@ -197,3 +256,15 @@ def read_utf8(path: str | Path, what: str) -> str:
 def load_suite(path: str | Path) -> Suite:
     """Read and validate a suite file; raises SuiteError (file:line) on any malformed row."""
     return parse_suite_lines(read_utf8(path, "suite file").splitlines(), str(path))
+
+
+SHIPPED_SUITES_DIR = Path(__file__).resolve().parent / "suites"
+
+
+def shipped_suite(name: str) -> Path:
+    """The path of a suite that ships with the package (``eval/suites/NAME.jsonl``)."""
+    path = SHIPPED_SUITES_DIR / f"{name}.jsonl"
+    if not path.is_file():
+        known = sorted(p.stem for p in SHIPPED_SUITES_DIR.glob("*.jsonl"))
+        raise SuiteError(f"no shipped suite {name!r} (in {SHIPPED_SUITES_DIR}: {known})")
+    return path

@@ -140,7 +140,8 @@ def test_gate_exit_codes_and_messages(world, base_report, capsys):
     out = world["root"] / "gate5" / "tuned.json"
     assert run(_base_args(world, out, *common, "--max-drop", "5")) == 1
     printed = capsys.readouterr().out
-    assert "FAIL: 1 category dropped more than 5 points: miss (10.0 -> 0.0, drop 10.0)" in printed
+    assert ("FAIL: 1 category lost more than 5 points (forgetting = before - after): "
+            "miss (10.0 -> 0.0, forgetting +10.0)") in printed
     f = json.loads(out.read_text())["forgetting"]
     assert f["failed_categories"] == ["miss"] and f["passed"] is False
     assert f["mean_forgetting"] == pytest.approx((10 + 3) / 5)
@@ -214,7 +215,7 @@ def test_base_model_flag_scores_and_gates_in_one_run(world, capsys):
     out = world["root"] / "self" / "report.json"
     # the same weights as base and tuned: every drop is exactly 0, so even --max-drop 0 passes
     assert run(_base_args(world, out, "--base-model", str(world["model"]), "--max-drop", "0")) == 0
-    assert "PASS: no category dropped more than 0 points" in capsys.readouterr().out
+    assert "PASS: no category lost more than 0 points" in capsys.readouterr().out
     f = json.loads(out.read_text())["forgetting"]
     assert f["baseline_run"] == "base" and f["passed"] is True
     assert all(c["drop"] == 0 for c in f["categories"].values())

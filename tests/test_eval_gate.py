@@ -31,8 +31,8 @@ def test_drops_mean_worst_and_gain():
     # style dropped exactly 5 points: not *more* than the threshold, so it passes
     assert f.failed_categories == ["facts", "safety"] and not f.passed
     message = gate_message(f)
-    assert message.startswith("FAIL: 2 categories dropped more than 5 points")
-    assert "facts (80.0 -> 70.0, drop 10.0)" in message and "safety (90.0 -> 84.0, drop 6.0)" in message
+    assert message.startswith("FAIL: 2 categories lost more than 5 points (forgetting = before - after)")
+    assert "facts (80.0 -> 70.0, forgetting +10.0)" in message and "safety (90.0 -> 84.0, forgetting +6.0)" in message
     assert "style" not in message
 
 

@@ -122,6 +122,9 @@ class TrainConfig:
     interpolate: str = _f("none", "auto: after the report, mix the result back toward the base (alpha grid) and save "
                                   "the largest alpha passing capability_max_drop in output_dir/interpolation",
                           ("none", "auto"))
+    capability_max_format_rigidity: float | None = _f(
+        None, "fail the run (exit 1) when the share of non-task answers in the task's format rises more than N "
+              "points over the base (task format: _meta.task_format of capability_suite or capability_task)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -249,6 +252,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"self_replay_temperature={cfg.self_replay_temperature}: must be > 0")
     if not 0 < cfg.self_replay_top_p <= 1:
         raise ConfigError(f"self_replay_top_p={cfg.self_replay_top_p}: must be in (0, 1]")
+    for name in ("capability_max_drop", "capability_max_format_rigidity"):
+        value = getattr(cfg, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"{name}={value}: must be >= 0 points")
 
 
 def parse_args(argv: list[str]) -> TrainConfig:

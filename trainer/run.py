@@ -160,6 +160,67 @@ def resolve_model_source(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(str(e)) from None
 
 
+def _rows_are_chat(path: str) -> bool:
+    """True when the (already checked) JSONL's rows are ``{"messages": [...]}`` (one format per file)."""
+    import json
+
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                return "messages" in json.loads(line)
+    return False
+
+
+def _has_chat_template(tokenizer_dir: str) -> bool:
+    """Read from the files, without loading transformers: the template lives in
+    chat_template.jinja (transformers >= 4.43 writes it there) or tokenizer_config.json."""
+    import json
+
+    folder = Path(tokenizer_dir)
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    config = folder / "tokenizer_config.json"
+    try:
+        return bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def default_chat_suite(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
+    """A chat model trained on chat rows with no capability_suite given is scored on the shipped
+    general chat suite (eval/suites/chat_general.jsonl): the forgetting its users would see."""
+    if cfg.capability_suite or "capability_suite" in explicit or not cfg.data:
+        return cfg
+    if not _rows_are_chat(cfg.data) or not _has_chat_template(cfg.tokenizer or cfg.model):
+        return cfg
+    from eval.suite import shipped_suite
+
+    path = str(shipped_suite("chat_general"))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"capability_suite: not given; {cfg.tokenizer or cfg.model} has a chat template and {cfg.data} "
+              f"holds chat rows, so the report scores the shipped general chat suite {path} "
+              f"(capability_suite=none turns the report off)", flush=True)
+    return replace(cfg, capability_suite=path)
+
+
+def check_capability_gates(cfg: TrainConfig) -> None:
+    """A format-rigidity bound needs a suite and a task format; say so before training, not after."""
+    if cfg.capability_max_format_rigidity is None:
+        return
+    if not cfg.capability_suite:
+        raise ConfigError("capability_max_format_rigidity needs capability_suite (the suite whose answers are "
+                          "checked for the task's format)")
+    from eval.suite import SuiteError, load_suite
+
+    try:
+        suites = [load_suite(p) for p in (cfg.capability_suite, cfg.capability_task) if p]
+    except SuiteError as exc:
+        raise ConfigError(str(exc)) from None
+    if not any(s.meta.task_format for s in suites):
+        raise ConfigError("capability_max_format_rigidity needs the task's answer format: set _meta.task_format "
+                          "(a regex) in capability_task's suite or in capability_suite")
+
+
 def use_one_thread_for_small_models(model_dir: Path, device: str = "auto") -> None:
     """Train a small model (under ~20M parameters) on one CPU thread.
 
@@ -208,6 +269,7 @@ def forgetting_report(cfg: TrainConfig, result) -> int:
     tuned.eval()
     print(f"scoring base and tuned model on {cfg.capability_suite} ...", flush=True)
     report = ev.score_against_base(base, tuned, tokenizer, cfg.capability_suite, max_drop=cfg.capability_max_drop,
+                                   max_format_rigidity=cfg.capability_max_format_rigidity,
                                    task=cfg.capability_task, progress=cfg.progress, limit=cfg.capability_limit,
                                    base_model_path=cfg.model, tuned_model_path=tuned_path,
                                    tuned_adapter_path=adapter_path)
@@ -310,6 +372,8 @@ def prepare(argv: list[str]) -> tuple[TrainConfig, dict[str, str]]:
                     if k in explicit and getattr(cfg, k) == DEMO})
     cfg = resolve_chat_tasks(resolve_demo_data(cfg))
     check_inputs(cfg, model_is_local=model_is_a_path(cfg.model))
+    if cfg.capability_suite:  # before any model work when the suite is given (else after the default suite)
+        check_capability_gates(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         warn(notes)
         if Path(cfg.output_dir, "config.yaml").exists() and not cfg.resume_from_checkpoint:
@@ -330,7 +394,10 @@ def main(argv: list[str] | None = None) -> int:
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         cfg, sources = prepare(argv)
-        cfg = resolve_model(cfg)  # the slow part of a first run: pretraining the demo base
+        cfg = resolve_model(cfg)  # the slow part of a first run: pretraining the demo base / converting a GGUF
+        # Needs the model's tokenizer files (a converted model has them only now).
+        cfg = default_chat_suite(cfg, {k for k, v in sources.items() if v.startswith("you")})
+        check_capability_gates(cfg)
         if rank0:
             print(CONFIG_LEGEND + "\n" + format_config(cfg, sources), flush=True)
         if not cfg.progress:

@@ -1,0 +1,122 @@
+"""The trainer's side of chat eval: the shipped general chat suite becomes the default
+capability_suite for a chat model trained on chat rows, capability_max_format_rigidity is
+checked before training and reaches the report, and the suite ships with the package."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from tiny_models import tiny_llama, tiny_tokenizer
+
+from eval.suite import load_suite, shipped_suite
+from trainer.config import ConfigError, parse_command_line, validate
+from trainer.run import check_capability_gates, default_chat_suite
+
+REPO = Path(__file__).resolve().parents[1]
+# No new special tokens: the template is plain text, so the tiny model's vocabulary covers it.
+PLAIN_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                       "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat_trainer")
+    chat_model, plain_model = root / "chat_model", root / "plain_model"
+    for folder, template in ((chat_model, PLAIN_CHAT_TEMPLATE), (plain_model, None)):
+        tiny_llama(seed=1, hidden_size=32, intermediate_size=40, num_attention_heads=2,
+                   num_key_value_heads=1).save_pretrained(folder)
+        tok = tiny_tokenizer()
+        tok.chat_template = template
+        tok.save_pretrained(folder)
+    chats = [{"messages": [{"role": "user", "content": f"ticket {i}"}, {"role": "assistant", "content": f"T-{i}"}]}
+             for i in range(8)]
+    return {"chat_model": chat_model, "plain_model": plain_model,
+            "chats": _jsonl(root / "chats.jsonl", chats),
+            "pairs": _jsonl(root / "pairs.jsonl", [{"prompt": "a", "completion": "b"}] * 4),
+            "task": _jsonl(root / "task_suite.jsonl", [{"_meta": {"chat": True, "task_format": "^"}},
+                                                       {"category": "task", "prompt": "ticket 1",
+                                                        "answer": "T-1", "max_new_tokens": 4}])}
+
+
+def _cfg(*args: str):
+    cfg, explicit = parse_command_line(list(args))
+    return cfg, explicit
+
+
+def test_the_general_chat_suite_ships_with_the_package_and_loads():
+    path = shipped_suite("chat_general")
+    assert path == REPO / "eval" / "suites" / "chat_general.jsonl"
+    suite = load_suite(path)
+    assert suite.meta.chat is True and len(suite.rows) >= 150
+    counts = Counter(r.category for r in suite.rows)
+    assert set(counts) == {"knowledge", "arithmetic", "language", "instructions", "safety", "chat"}
+    assert all(r.kind == "refusal" for r in suite.rows if r.category == "safety")
+    assert all(r.match in ("contains", "regex", "any_of") for r in suite.rows if r.kind == "exact")
+    assert all(r.max_new_tokens and 16 <= r.max_new_tokens <= 48 for r in suite.rows)
+    setup = (REPO / "setup.py").read_text()
+    assert '"suites/*.jsonl"' in setup  # package_data: installed beside eval/, not only in a checkout
+
+
+def test_default_suite_for_a_chat_model_on_chat_rows(chat_ws, capsys):
+    cfg = default_chat_suite(*_cfg(f"model={chat_ws['chat_model']}", f"data={chat_ws['chats']}"))
+    assert cfg.capability_suite == str(shipped_suite("chat_general"))
+    assert "capability_suite: not given" in capsys.readouterr().out
+    for args in ([f"model={chat_ws['plain_model']}", f"data={chat_ws['chats']}"],   # no chat template
+                 [f"model={chat_ws['chat_model']}", f"data={chat_ws['pairs']}"],    # not chat rows
+                 [f"model={chat_ws['chat_model']}", f"data={chat_ws['chats']}", "capability_suite=none"],
+                 [f"model={chat_ws['chat_model']}", f"data={chat_ws['chats']}", f"capability_suite={chat_ws['task']}"]):
+        cfg, explicit = _cfg(*args)
+        assert default_chat_suite(cfg, explicit).capability_suite == cfg.capability_suite, args
+    assert "capability_suite: not given" not in capsys.readouterr().out
+
+
+def test_format_rigidity_bound_is_checked_before_training(chat_ws, tmp_path):
+    with pytest.raises(ConfigError, match=r"capability_max_format_rigidity=-1.0: must be >= 0 points"):
+        validate(_cfg(f"data={chat_ws['chats']}", "capability_max_format_rigidity=-1")[0])
+    cfg, _ = _cfg(f"data={chat_ws['chats']}", "capability_max_format_rigidity=5")
+    with pytest.raises(ConfigError, match="needs capability_suite"):
+        check_capability_gates(cfg)
+    cfg, _ = _cfg(f"capability_suite={shipped_suite('chat_general')}", "capability_max_format_rigidity=5")
+    with pytest.raises(ConfigError, match=r"needs the task's answer format: set _meta.task_format"):
+        check_capability_gates(cfg)
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"category": "c", "prompt": "p", "match": "regex", "answer": "("}])
+    cfg, _ = _cfg(f"capability_suite={bad}", "capability_max_format_rigidity=5")
+    with pytest.raises(ConfigError, match=r"bad.jsonl:1: .*not a valid regex"):
+        check_capability_gates(cfg)
+    cfg, _ = _cfg(f"capability_suite={shipped_suite('chat_general')}", f"capability_task={chat_ws['task']}",
+                  "capability_max_format_rigidity=5")
+    check_capability_gates(cfg)  # the task suite names the format: fine
+
+
+def test_a_chat_run_scores_the_default_suite_and_gates_format_rigidity(chat_ws, tmp_path):
+    """End to end, in a subprocess: the default suite is announced and scored, and the bound
+    reaches the report.  The task format "^" matches every answer, so both models' rigidity is
+    100 and the rise is exactly 0: a bound of 0 passes (not *more* than the bound)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1",
+               FORGETLESS_CACHE=str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.run", f"model={chat_ws['chat_model']}", f"data={chat_ws['chats']}",
+         f"output_dir={out}", "max_steps=2", "per_device_train_batch_size=2", "lora_r=2", "progress=false",
+         "validation_split=0", "device=cpu", f"capability_task={chat_ws['task']}", "capability_limit=6",
+         "capability_max_format_rigidity=0"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "capability_suite: not given" in proc.stdout and "chat_general.jsonl" in proc.stdout
+    assert "PASS: format rigidity rose +0.0 points" in proc.stdout
+    report = json.loads((out / "forgetting_report.json").read_text())
+    assert report["suite"]["name"] == "chat_general" and report["suite"]["rows"] == 6
+    assert report["format_rigidity"] == {"task_format": "^", "n": 6, "in_format": 6, "rate": 100.0}
+    f = report["forgetting"]
+    assert (f["max_format_rigidity"], f["format_rigidity_rise"], f["format_rigidity_failed"]) == (0.0, 0.0, False)
+    assert all(row["chat"] for row in report["rows"])  # the suite's _meta.chat rendered every prompt
