@@ -47,7 +47,6 @@ from .suite import Suite, SuiteError, load_suite
 SCHEMA = "forgetless.eval.interpolation/1"
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 EXIT_PASSED, EXIT_NONE_PASSES, EXIT_BAD_INPUT = 0, 1, 2
-_TOLERANCE = 1e-9  # same as eval.gate: a rise equal to the bound passes
 
 # (model, tokenizer) from a local model directory; eval's own loader unless the caller has one.
 ModelLoader = Callable[[str], tuple[nn.Module, object]]
@@ -55,24 +54,6 @@ ModelLoader = Callable[[str], tuple[nn.Module, object]]
 
 class InterpolationError(ValueError):
     """Input the interpolation cannot use; the message says what and where."""
-
-
-# ----------------------------------------------------------------- format-rigidity gate (local)
-# LOCAL until eval.gate has it: issue 11 adds compare_reports(..., max_format_rigidity=P) and
-# folds a failed format-rigidity check into ForgettingReport.passed. At merge, pass the bound to
-# compare_reports in `gate_point` and delete these two functions.
-
-
-def format_rigidity_rise(base: CapabilityReport, tuned: CapabilityReport) -> float | None:
-    """Points by which the share of non-task answers in the task's format rose over the base."""
-    if base.format_rigidity is None or tuned.format_rigidity is None:
-        return None
-    return tuned.format_rigidity.rate - base.format_rigidity.rate
-
-
-def format_rigidity_failed(base: CapabilityReport, tuned: CapabilityReport, max_rise: float | None) -> bool:
-    rise = format_rigidity_rise(base, tuned)
-    return max_rise is not None and rise is not None and rise > max_rise + _TOLERANCE
 
 
 # ------------------------------------------------------------------------------- the curve
@@ -130,17 +111,17 @@ class InterpolationResult:
 def gate_point(alpha: float, base: CapabilityReport, report: CapabilityReport, max_drop: float,
                max_format_rigidity: float | None, refined: bool = False) -> CurvePoint:
     """Compare ``report`` (the mix at ``alpha``) with the base; fills ``report.forgetting``."""
-    forgetting = compare_reports(base, report, max_drop)
+    forgetting = compare_reports(base, report, max_drop, max_format_rigidity)
     report.forgetting = forgetting
     failed = list(forgetting.failed_categories)
-    if format_rigidity_failed(base, report, max_format_rigidity):
+    if forgetting.format_rigidity_failed:
         failed.append("format_rigidity")
     return CurvePoint(
         alpha=alpha, task_score=report.task.accuracy if report.task else None,
         target_gain=forgetting.target_gain, mean_forgetting=forgetting.mean_forgetting,
         worst_forgetting=forgetting.worst_forgetting, worst_category=forgetting.worst_category,
         format_rigidity=report.format_rigidity.rate if report.format_rigidity else None,
-        format_rigidity_rise=format_rigidity_rise(base, report), passed=not failed, failed=failed, refined=refined)
+        format_rigidity_rise=forgetting.format_rigidity_rise, passed=not failed, failed=failed, refined=refined)
 
 
 def scan_alphas(
