@@ -120,8 +120,11 @@ class TrainConfig:
     capability_limit: int | None = _f(None, "score only the first N rows of each suite (quick checks)")
     capability_max_drop: float | None = _f(None, "fail the run (exit 1) when a capability drops by more than N points")
     interpolate: str = _f("none", "auto: after the report, mix the result back toward the base (alpha grid) and save "
-                                  "the largest alpha passing capability_max_drop in output_dir/interpolation",
+                                  "the largest alpha passing capability_max_drop and capability_max_format_rigidity in "
+                                  "output_dir/interpolation",
                           ("none", "auto"))
+    interpolate_refine: int = _f(2, "interpolate=auto: bisection steps between the largest passing and the smallest "
+                                    "failing alpha of the grid (0 = the grid only)")
     capability_max_format_rigidity: float | None = _f(
         None, "fail the run (exit 1) when the share of non-task answers in the task's format rises more than N "
               "points over the base (task format: _meta.task_format of capability_suite or capability_task)")
@@ -230,6 +233,8 @@ def validate(cfg: TrainConfig) -> None:
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name}={getattr(cfg, name)}: must be >= 1")
+    if cfg.interpolate_refine < 0:
+        raise ConfigError(f"interpolate_refine={cfg.interpolate_refine}: must be >= 0")
     if cfg.kl_to_base < 0:
         raise ConfigError(f"kl_to_base={cfg.kl_to_base}: must be >= 0 (0 = off)")
     if not 0.0 <= cfg.replay_ratio < 1.0:

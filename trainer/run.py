@@ -299,6 +299,7 @@ def interpolation_report(cfg: TrainConfig, result) -> int:
             cfg.model, cfg.capability_suite, Path(cfg.output_dir) / "interpolation", cfg.capability_max_drop,
             adapter=saved if is_adapter else None, tuned_model=None if is_adapter else saved,
             task=cfg.capability_task, load_model=lambda path: load_model(replace(cfg, model=path), device),
+            max_format_rigidity=cfg.capability_max_format_rigidity, refine=cfg.interpolate_refine,
             progress=cfg.progress, limit=cfg.capability_limit)
     except InterpolationError as e:
         raise ConfigError(f"interpolate=auto: {e}") from None

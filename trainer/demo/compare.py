@@ -171,6 +171,16 @@ def interpolated_row(cfg, trained, row: MatrixRow) -> MatrixRow:
     return out
 
 
+def resumed_interpolation(cfg, row: MatrixRow) -> MatrixRow:
+    """--resume: a finished row whose interpolation did not finish gets only that part run."""
+    from types import SimpleNamespace
+
+    saved = next(p for p in (Path(cfg.output_dir) / "adapter", Path(cfg.output_dir) / "model") if p.is_dir())
+    out = interpolated_row(cfg, SimpleNamespace(saved_to=saved), row)
+    Path(cfg.output_dir, "row-interpolated.json").write_text(json.dumps(vars(out), indent=2))
+    return out
+
+
 def finished_rows(out_dir: Path, name: str) -> list[MatrixRow] | None:
     """A row (and its interpolated row) a previous run of the matrix finished, for --resume."""
     rows = []
@@ -282,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
             done = finished_rows(out, row["name"]) if args.resume else None
             if done:
                 print(f"=== {row['name']}: finished before (--resume), kept", flush=True)
+                cfg = row_config(common, row, cli, out)
+                if len(done) == 1 and cfg.interpolate == "auto" and not done[0].error:
+                    done.append(resumed_interpolation(cfg, done[0]))
             results.extend(done or run_row(common, row, cli, out))
             (out / "matrix.json").write_text(json.dumps([vars(r) for r in results], indent=2))
     except (ConfigError, DataError, MatrixError, FileNotFoundError) as e:
