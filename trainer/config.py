@@ -76,6 +76,8 @@ class TrainConfig:
     lora_dropout: float = _f(0.0, "dropout on the LoRA input")
     lora_targets: list[str] = _f(["all-linear"], "module names to adapt (e.g. q_proj,v_proj) or all-linear")
     use_rslora: bool = _f(False, "rank-stabilised LoRA scale alpha / sqrt(r)")
+    init_adapter: str | None = _f(None, "LoRA: start from this PEFT adapter directory (its r, alpha and targets) "
+                                        "instead of a fresh adapter, e.g. the previous stage's of a task sequence")
     # --- EWC -------------------------------------------------------------------------------
     ewc_lambda: float = _f(1.0, "EWC strength: penalty lambda/2 * sum F (w - w*)^2")
     fisher_data: str | None = _f(None, "general JSONL for the Fisher; default: replay_data")

@@ -62,6 +62,7 @@ class LoRAWeights:
     dropout: float
     targets: list[str] | str | None
     use_rslora: bool
+    init_adapter: str | None = None  # a saved adapter to continue training (its own r, alpha and targets)
 
     def target_paths(self, model: nn.Module) -> list[str]:
         from kernels.lora_layers import resolve_targets
@@ -74,6 +75,14 @@ class LoRAWeights:
     def prepare(self, model: nn.Module) -> None:
         from kernels.lora_layers import apply_lora
 
+        if self.init_adapter:
+            from kernels.peft_format import AdapterFormatError, load_adapter
+
+            try:  # the adapter's own config shapes the layers; its A and B then train on
+                load_adapter(model, self.init_adapter)
+            except (AdapterFormatError, FileNotFoundError) as e:
+                raise ConfigError(f"init_adapter={self.init_adapter}: {e}") from None
+            return
         self.target_paths(model)  # a bad lora_targets is a ConfigError naming the model's layers
         apply_lora(model, r=self.r, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
                    use_rslora=self.use_rslora)
@@ -214,7 +223,7 @@ def build_method(cfg: TrainConfig) -> Method:
         targets = "all-linear"
     elif targets in ([], ["default"], ["blocks"]):
         targets = None
-    lora = LoRAWeights(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets, cfg.use_rslora)
+    lora = LoRAWeights(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets, cfg.use_rslora, cfg.init_adapter)
     build = {
         "full": lambda: Method("full", FullWeights()),
         "lora": lambda: Method("lora", lora),

@@ -127,6 +127,8 @@ def check_resume_and_fisher_files(cfg: TrainConfig) -> None:
     for key in ("fisher_path", "previous_fisher"):
         if getattr(cfg, key):
             check_file_key(key, getattr(cfg, key))
+    if cfg.init_adapter and not (Path(cfg.init_adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"init_adapter={cfg.init_adapter}: not an adapter directory (no adapter_config.json)")
     if cfg.resume_from_checkpoint:
         resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)  # FileNotFoundError with a message
     # ewc / lora_ewc with no fisher_data and no replay_data estimate the Fisher on the base
