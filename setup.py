@@ -60,6 +60,7 @@ setup(
             "forgetless-train=trainer.run:main",
             "forgetless-eval=eval.__main__:main",
             "forgetless-interpolate=eval.interpolate:main",
+            "forgetless-sequence=trainer.sequence:main",
         ],
     },
 )
