@@ -280,3 +280,15 @@ def test_init_adapter_trains_on_from_the_saved_adapter(ws, tmp_path):
                              init_adapter=str(first.saved_to)))
     after = load_file(str(again.saved_to / "adapter_model.safetensors"))
     assert after.keys() == start.keys() and all(torch.allclose(after[k], start[k], atol=1e-6) for k in start)
+
+
+@pytest.mark.parametrize("name", ["sequence_demo.yaml", "sequence_smollm2.yaml"])
+def test_the_shipped_sequence_configs_are_valid(name, tmp_path, monkeypatch):
+    """Every key known, every stage complete, every file there (built into a private cache):
+    what the sequence checks before it loads a model. The model itself is not built."""
+    monkeypatch.setenv("FORGETLESS_CACHE", str(tmp_path / "cache"))
+    config = Path(__file__).resolve().parents[1] / "configs" / name
+    spec = sequence.parse_spec(["--config", str(config), f"output_dir={tmp_path / 'out'}"])
+    stages = sequence.stage_configs(spec)
+    assert len(stages) >= 2 and all(Path(s.cfg.data).is_file() and Path(s.cfg.capability_task).is_file()
+                                    for s in stages)

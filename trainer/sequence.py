@@ -244,7 +244,22 @@ def stage_configs(spec: SequenceSpec) -> list[Stage]:
                                 "stay the first stage's start instead of the previous stage's end")
         check_inputs(cfg, model_is_local=i == 0 and model_is_a_path(cfg.model))
         stages.append(Stage(i, raw["name"], cfg, ratio, general))
+    if spec.replay_buffer:
+        # The buffer (and its general rows) is one replay file, and the trainer reads one row format per file.
+        files = [s.cfg.data for s in stages] + [s.cfg.replay_data for s in stages if s.general_replay]
+        formats = {path: _row_format(path) for path in dict.fromkeys(files)}
+        if len(set(formats.values())) > 1:
+            raise SequenceError("replay_buffer: the stages' data (and replay_data) must share one row format, since "
+                                "their rows are replayed from one file; found "
+                                + ", ".join(f"{p} ({f})" for p, f in formats.items()))
     return stages
+
+
+def _row_format(path: str) -> str:
+    """The row format of a (checked) JSONL file, from its first row: messages | prompt_completion | text."""
+    with open(path, encoding="utf-8") as fh:
+        row = json.loads(next(line for line in fh if line.strip()))
+    return "messages" if "messages" in row else ("prompt_completion" if "prompt" in row else "text")
 
 
 # ------------------------------------------------------------------------ state on disk
@@ -469,6 +484,10 @@ def run_sequence(spec: SequenceSpec, stages: list[Stage], on_step_end=None) -> d
     from trainer.sequence_report import build_report, write_sequence_report
 
     started = time.time()
+    if not stages[0].cfg.progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # its "Loading weights" bars too
     out = Path(stages[0].cfg.output_dir).parent
     out.mkdir(parents=True, exist_ok=True)
     resumed = claim_output_dir(out, spec)
@@ -503,12 +522,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         spec = parse_spec(argv)
-        stages = stage_configs(spec)
-        if not stages[0].cfg.progress:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-        report = run_sequence(spec, stages)
+        report = run_sequence(spec, stage_configs(spec))
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -137,6 +137,22 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def heatmap(ax, report: dict, title: str | None = None):
+    """R on ``ax``: one cell per (after stage, task suite), its score written in it."""
+    names, R, m = report["tasks"], report["R"], report["metrics"]
+    image = ax.imshow(R, vmin=0, vmax=100, cmap="viridis")
+    for i, row in enumerate(R):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=9, color="white" if v < 60 else "black")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels([f"after {i + 1}. {n}" for i, n in enumerate(names)], fontsize=8)
+    ax.set_title((title + "\n" if title else "") + f"ACC {_pt(m['average_accuracy'])}  BWT "
+                 f"{_pt(m['backward_transfer'], True)}  FWT {_pt(m['forward_transfer'], True)}", fontsize=8)
+    return image
+
+
 def draw(report: dict, path: Path) -> None:
     """R as a heatmap beside the capability trajectory (one line per category, the mean bold)."""
     import matplotlib
@@ -144,23 +160,13 @@ def draw(report: dict, path: Path) -> None:
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
-    names, R = report["tasks"], report["R"]
+    names = report["tasks"]
     caps = report["capabilities"]
     panels = 2 if caps["base"] else 1
-    fig, axes = plt.subplots(1, panels, figsize=(4.2 + 0.5 * len(names) + 4.2 * (panels - 1), 3.8))
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 + 0.5 * len(names) + 4.6 * (panels - 1), 3.8),
+                             layout="constrained")
     ax = axes[0] if panels == 2 else axes
-    image = ax.imshow(R, vmin=0, vmax=100, cmap="viridis")
-    for i, row in enumerate(R):
-        for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=9, color="white" if v < 60 else "black")
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=30, ha="right")
-    ax.set_yticks(range(len(names)))
-    ax.set_yticklabels([f"after {i + 1}. {n}" for i, n in enumerate(names)])
-    ax.set_xlabel("task suite")
-    m = report["metrics"]
-    ax.set_title(f"R (points)  ACC {_pt(m['average_accuracy'])}  BWT {_pt(m['backward_transfer'], True)}  "
-                 f"FWT {_pt(m['forward_transfer'], True)}", fontsize=8)
+    image = heatmap(ax, report)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     if panels == 2:
         ax2 = axes[1]
