@@ -231,9 +231,18 @@ def _final_adapter(report: dict) -> dict[str, torch.Tensor]:
     return load_file(str(Path(report["stages"][-1]["saved_to"]) / "adapter_model.safetensors"))
 
 
-def test_lora_merge_starts_each_stage_from_the_merged_weights(ws, tmp_path):
-    report = _run(ws, tmp_path / "merge", method="lora", lora_between="merge", max_steps=4)
+@pytest.mark.parametrize("method", ["lora", "lora_ewc"])
+def test_lora_merge_starts_each_stage_from_the_merged_weights(ws, tmp_path, method):
+    extra = dict(fisher_data=str(ws["general"]), fisher_samples=16) if method == "lora_ewc" else {}
+    report = _run(ws, tmp_path / "merge", method=method, lora_between="merge", max_steps=4, **extra)
     from kernels.lora_layers import merge_lora
+
+    if method == "lora_ewc":  # the online Fisher of stage 2 is estimated on the merged weights stage 1 ended with
+        second = report["stages"][1]
+        assert second["wired"]["fisher"]["previous"] == report["stages"][0]["fisher_file"]
+        _, anchors = _read_fisher(second["fisher_file"])
+        merged = dict(AutoModelForCausalLM.from_pretrained(report["stages"][0]["merged"]).named_parameters())
+        assert anchors and all(torch.equal(v, merged[k].detach()) for k, v in anchors.items())
 
     first = report["stages"][0]
     model, _ = load_saved(ws["model"], first["saved_to"])
