@@ -458,6 +458,8 @@ def run(ctx: BenchContext, root: Path) -> None:
     for seq in seqs:
         for method in ("lora", "full"):
             for precision in precisions:
+                if ctx.cases and not ctx.quick and f"{method}-{precision}" not in ctx.cases:
+                    continue
                 bench_case(ctx, root, model_dir, shape, Case(method, precision, batch, seq),
                            with_ewc=seq == seqs[0], peaks=peaks, warm=warm, timed=timed, rounds=rounds)
         if seq == seqs[0]:
