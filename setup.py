@@ -28,7 +28,10 @@ setup(
     install_requires=[
         "torch>=2.4,<3",
         "triton>=3.0; platform_system == 'Linux'",
-        "transformers>=4.45",
+        # <5.25: transformers 5.25 requires Hugging Face's `kernels` distribution, whose import name
+        # is this project's top-level package `kernels/`; with both installed, one shadows the other
+        # (kernels/__init__.py says so at import time).
+        "transformers>=4.45,<5.25",
         "safetensors>=0.4",
         "datasets>=2.19",
         "tokenizers>=0.19",

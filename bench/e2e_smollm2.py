@@ -443,6 +443,8 @@ def bench_packing(ctx: BenchContext, root: Path, model_dir: Path, shape: ModelSh
 def run(ctx: BenchContext, root: Path) -> None:
     shape = QUICK_SHAPE if ctx.quick else SMOLLM2_135M
     batch, seqs = (2, (32,)) if ctx.quick else (8, (512, 256))  # the targets' 8 x 512 first
+    if ctx.seqs and not ctx.quick:
+        seqs = tuple(ctx.seqs)
     precisions = ("bf16", "fp32")
     if ctx.device.type == "cuda" and not ctx.quick:
         # bench/gpu_check.sh: the GPU's time is short; bf16 at the targets' shape is what matters there.
@@ -456,6 +458,8 @@ def run(ctx: BenchContext, root: Path) -> None:
     for seq in seqs:
         for method in ("lora", "full"):
             for precision in precisions:
+                if ctx.cases and not ctx.quick and f"{method}-{precision}" not in ctx.cases:
+                    continue
                 bench_case(ctx, root, model_dir, shape, Case(method, precision, batch, seq),
                            with_ewc=seq == seqs[0], peaks=peaks, warm=warm, timed=timed, rounds=rounds)
         if seq == seqs[0]:

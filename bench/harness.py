@@ -110,6 +110,8 @@ class BenchContext:
     warmup: int = 2
     repeats: int = 7
     shape: str | None = None  # e2e only: which model shape (None = the suite's default)
+    seqs: tuple[int, ...] | None = None  # e2e smollm2-135m only: sequence lengths (None = 512 and 256)
+    cases: tuple[str, ...] | None = None  # e2e smollm2-135m only: METHOD-PRECISION cases (None = all four)
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     timestamp: str = field(default_factory=lambda: _dt.datetime.now().isoformat(timespec="seconds"))

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from .capability import score_model
+from .cli_options import add_scoring_options
 from .gate import compare_reports, gate_message
 from .render import markdown_table, write_report
 from .report import ReportError, read_report
@@ -55,14 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "out); default: as the suite's _meta.chat says")
     p.add_argument("--out", required=True, help="REPORT.json path; .md and .png are written beside it")
     p.add_argument("--name", help="run name in the report (default: the --out file stem)")
-    p.add_argument("--task-format", help="regex of the task's answer format (overrides the suite's _meta.task_format)")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per forward pass (default 64)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="generation budget of rows without their own (default 32)")
-    p.add_argument("--limit", type=int, help="score only the first N rows of each suite (quick checks)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights dtype (default: float32 on CPU, the checkpoint's own on CUDA)")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the score cache")
+    add_scoring_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table on stdout")
     return p
 

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .cli_options import add_scoring_options
 from .gate import compare_reports
 from .report import CapabilityReport, ReportError
 from .suite import Suite, SuiteError, load_suite
@@ -539,14 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bisection steps between the largest passing and the smallest failing alpha (default 0)")
     p.add_argument("--out", required=True, help="output directory: adapter/ or model/, interpolation.json/.png, report.*")
     p.add_argument("--text", help="held-out general text (UTF-8) for perplexity (reported, not gated)")
-    p.add_argument("--task-format", help="regex of the task's answer format (overrides the suite's _meta.task_format)")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per forward pass (default 64)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="generation budget of rows without their own (default 32)")
-    p.add_argument("--limit", type=int, help="score only the first N rows of each suite (quick checks)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights dtype (default: float32 on CPU, the checkpoint's own on CUDA)")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the score cache")
+    add_scoring_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 

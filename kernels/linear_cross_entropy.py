@@ -114,6 +114,28 @@ def _loss_scale(grad_out: torch.Tensor, denominator: torch.Tensor | None) -> tor
     return grad_out if denominator is None else grad_out / denominator
 
 
+def _begin_torch_forward(ctx, h, w, b, want_grads: bool) -> tuple[torch.dtype, tuple[bool, bool, bool]]:
+    """The KL Functions' common start: the compute dtype, which of (dh, dW, db) to produce, and
+    the inputs' dtypes remembered for backward."""
+    ctx.dtypes = (h.dtype, w.dtype, None if b is None else b.dtype)
+    return backend.compute_dtype(h), tuple(want_grads and ctx.needs_input_grad[i] for i in range(3))
+
+
+def _end_torch_forward(ctx, h: torch.Tensor, loss: torch.Tensor, grads, reduction: str) -> torch.Tensor:
+    """Save the gradients the torch path computed in forward; the loss (a mean over rows when
+    asked), in fp32 unless the run is in float64."""
+    denominator = _row_count(h, loss) if reduction == "mean" else None
+    ctx.save_for_backward(*grads, denominator)
+    if denominator is not None:
+        loss = loss / denominator
+    return loss.float() if loss.dtype != torch.float64 else loss
+
+
+def _torch_backward(ctx, grad_out: torch.Tensor, n_inputs: int) -> tuple:
+    dh, dw, db, denominator = ctx.saved_tensors
+    return _grads_out(ctx, (dh, dw, db), _loss_scale(grad_out, denominator), n_inputs)
+
+
 def _grads_out(ctx, grads, scale: torch.Tensor | None, n_inputs: int) -> tuple:
     """The gradients ``(dh, dW, db)`` times ``scale`` (None: as they are), in the inputs'
     dtypes, then None for the other ``n_inputs - 3`` inputs."""
@@ -289,23 +311,16 @@ class LinearKLFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, b, h_t, w_t, b_t, kind, reduction, chunk_bytes, want_grads):
-        dtype = backend.compute_dtype(h)
-        need = tuple(want_grads and ctx.needs_input_grad[i] for i in range(3))
-        ctx.dtypes = (h.dtype, w.dtype, None if b is None else b.dtype)
+        dtype, need = _begin_torch_forward(ctx, h, w, b, want_grads)
         with torch.no_grad(), backend.autocast_off(h):
-            loss, dh, dw, db = _kl_torch(h.to(dtype), w.to(dtype), _cast(b, dtype), h_t.to(dtype),
-                                         w_t.to(dtype), _cast(b_t, dtype), kind, chunk_bytes, *need)
-        denominator = _row_count(h, loss) if reduction == "mean" else None
-        ctx.save_for_backward(dh, dw, db, denominator)
-        if denominator is not None:
-            loss = loss / denominator
-        return loss.float() if loss.dtype != torch.float64 else loss
+            loss, *grads = _kl_torch(h.to(dtype), w.to(dtype), _cast(b, dtype), h_t.to(dtype),
+                                     w_t.to(dtype), _cast(b_t, dtype), kind, chunk_bytes, *need)
+        return _end_torch_forward(ctx, h, loss, grads, reduction)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        dh, dw, db, denominator = ctx.saved_tensors
-        return _grads_out(ctx, (dh, dw, db), _loss_scale(grad_out, denominator), 10)
+        return _torch_backward(ctx, grad_out, 10)
 
 
 def _kept_rows(name: str, mask: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor | None:
@@ -423,23 +438,15 @@ def _kl_topk_torch(h, w, b, ids, lp_t, chunk_bytes, need_dh, need_dw, need_db):
 class LinearKLTopKFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b, ids, lp_t, reduction, chunk_bytes, want_grads):
-        dtype = backend.compute_dtype(h)
-        need = tuple(want_grads and ctx.needs_input_grad[i] for i in range(3))
-        ctx.dtypes = (h.dtype, w.dtype, None if b is None else b.dtype)
+        dtype, need = _begin_torch_forward(ctx, h, w, b, want_grads)
         with torch.no_grad(), backend.autocast_off(h):
-            loss, dh, dw, db = _kl_topk_torch(h.to(dtype), w.to(dtype), _cast(b, dtype), ids, lp_t, chunk_bytes,
-                                              *need)
-        denominator = _row_count(h, loss) if reduction == "mean" else None
-        ctx.save_for_backward(dh, dw, db, denominator)
-        if denominator is not None:
-            loss = loss / denominator
-        return loss.float() if loss.dtype != torch.float64 else loss
+            loss, *grads = _kl_topk_torch(h.to(dtype), w.to(dtype), _cast(b, dtype), ids, lp_t, chunk_bytes, *need)
+        return _end_torch_forward(ctx, h, loss, grads, reduction)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        dh, dw, db, denominator = ctx.saved_tensors
-        return _grads_out(ctx, (dh, dw, db), _loss_scale(grad_out, denominator), 8)
+        return _torch_backward(ctx, grad_out, 8)
 
 
 def linear_kl_from_topk(

@@ -15,7 +15,7 @@ from tiny_models import tiny_llama, tiny_tokenizer
 
 from eval.suite import load_suite, shipped_suite
 from trainer.config import ConfigError, parse_command_line, validate
-from trainer.run import check_capability_gates, default_chat_suite
+from trainer.run import CHAT_RECIPE, check_capability_gates, default_chat_recipe, default_chat_suite
 
 REPO = Path(__file__).resolve().parents[1]
 # No new special tokens: the template is plain text, so the tiny model's vocabulary covers it.
@@ -80,6 +80,28 @@ def test_default_suite_for_a_chat_model_on_chat_rows(chat_ws, capsys):
     assert "capability_suite: not given" not in capsys.readouterr().out
 
 
+def test_default_recipe_for_a_chat_model_on_chat_rows(chat_ws, capsys):
+    """No replay and no KL given: self-replay at 20%, marked as the chat default; any of them
+    given (even replay_ratio=0), another method, no template or no chat rows: untouched."""
+    def recipe(*args):
+        cfg, explicit = _cfg(*args)
+        return default_chat_recipe(cfg, {k: "you" for k in explicit})
+
+    cfg, sources = recipe(f"model={chat_ws['chat_model']}", f"data={chat_ws['chats']}")
+    assert (cfg.replay_data, cfg.replay_ratio) == ("self", 0.2) == (CHAT_RECIPE["replay_data"], CHAT_RECIPE["replay_ratio"])
+    assert sources["replay_data"] == sources["replay_ratio"] == "chat default"
+    assert "replay: not given" in capsys.readouterr().out
+    for args in ([f"model={chat_ws['plain_model']}", f"data={chat_ws['chats']}"],     # no chat template
+                 [f"model={chat_ws['chat_model']}", f"data={chat_ws['pairs']}"],      # not chat rows
+                 [f"model={chat_ws['chat_model']}", f"data={chat_ws['chats']}", "replay_ratio=0"],
+                 [f"model={chat_ws['chat_model']}", f"data={chat_ws['chats']}", "kl_to_base=0.5"],
+                 [f"model={chat_ws['chat_model']}", f"data={chat_ws['chats']}", "method=lora_ewc"]):
+        cfg, sources = recipe(*args)
+        assert (cfg.replay_data, cfg.replay_ratio) == (None, 0.0), args
+        assert "chat default" not in sources.values(), args
+    assert "replay: not given" not in capsys.readouterr().out
+
+
 def test_format_rigidity_bound_is_checked_before_training(chat_ws, tmp_path):
     with pytest.raises(ConfigError, match=r"capability_max_format_rigidity=-1.0: must be >= 0 points"):
         validate(_cfg(f"data={chat_ws['chats']}", "capability_max_format_rigidity=-1")[0])
@@ -109,6 +131,7 @@ def test_a_chat_run_scores_the_default_suite_and_gates_format_rigidity(chat_ws, 
         [sys.executable, "-m", "trainer.run", f"model={chat_ws['chat_model']}", f"data={chat_ws['chats']}",
          f"output_dir={out}", "max_steps=2", "per_device_train_batch_size=2", "lora_r=2", "progress=false",
          "validation_split=0", "device=cpu", f"capability_task={chat_ws['task']}", "capability_limit=6",
+         "replay_ratio=0",  # no chat-default self-replay: this test is about the suite and the gate
          "capability_max_format_rigidity=0"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -114,6 +114,13 @@ def test_bad_rows_name_file_line_and_problem(tmp_path, content, message):
         read_jsonl(path)
 
 
+def test_text_that_is_not_utf8_names_its_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n\n' + '{"text": "café"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.jsonl:3: not UTF-8 text \(invalid continuation byte at byte 13\)"):
+        read_jsonl(path)
+
+
 @pytest.mark.parametrize("ratio, batch", [(0.2, 10), (0.3, 7), (0.25, 4), (0.0, 5)])
 def test_replay_share_per_batch_and_per_run(ratio, batch):
     steps = 200

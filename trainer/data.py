@@ -26,9 +26,10 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -109,6 +110,26 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return list(dataset)
 
 
+def jsonl_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """``("FILE:LINE", parsed row)`` for every non-blank line; ``DataError`` naming the line for
+    text that is not UTF-8 or not JSON.  Lines are decoded one at a time (binary read), so the
+    line a decoding error names is exact."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            yield where, row
+
+
 def check_jsonl(path: str | Path) -> int:
     """Check every line of a JSONL file (plain Python, no heavy imports); returns the row count."""
     p = Path(path)
@@ -116,17 +137,9 @@ def check_jsonl(path: str | Path) -> int:
         raise DataError(f"{path}: file not found")
     formats: set[str] = set()
     count = 0
-    with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            formats.add(_row_format(row, where))
-            count += 1
+    for where, row in jsonl_rows(p):
+        formats.add(_row_format(row, where))
+        count += 1
     if count == 0:
         raise DataError(f"{path}: empty file (no JSON rows)")
     if len(formats) > 1:

@@ -203,6 +203,30 @@ def default_chat_suite(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     return replace(cfg, capability_suite=path)
 
 
+# What a chat model tuned on chat rows gets when the command says nothing about replay: the
+# data-free recipe measured best on SmolLM2-135M-Instruct (docs/results-real.md): the base's own
+# answers to the built-in prompt bank replayed as 20% of every batch.
+CHAT_RECIPE = {"replay_data": "self", "replay_ratio": 0.2}
+CHAT_RECIPE_KEYS = ("replay_data", "replay_ratio", "kl_to_base")
+
+
+def default_chat_recipe(cfg: TrainConfig, sources: dict[str, str]) -> tuple[TrainConfig, dict[str, str]]:
+    """LoRA or full fine-tuning of a chat model (chat template) on chat rows, with no replay and
+    no KL anchor given by anyone, replays the base's own answers (CHAT_RECIPE); ``replay_ratio=0``
+    turns it off.  Returns the config and the sources with those keys marked ``chat default``."""
+    if any(k in sources for k in CHAT_RECIPE_KEYS) or cfg.replay_data or cfg.replay_ratio or cfg.kl_to_base:
+        return cfg, sources
+    if cfg.method not in ("lora", "full") or not cfg.data:
+        return cfg, sources
+    if not _rows_are_chat(cfg.data) or not _has_chat_template(cfg.tokenizer or cfg.model):
+        return cfg, sources
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"replay: not given; a chat model tuned on chat rows replays the base's own answers to the "
+              f"built-in prompt bank as {CHAT_RECIPE['replay_ratio']:.0%} of every batch (replay_data=self: "
+              "generated once, then cached; replay_ratio=0 turns it off)", flush=True)
+    return replace(cfg, **CHAT_RECIPE), {**sources, **{k: "chat default" for k in CHAT_RECIPE}}
+
+
 def check_capability_gates(cfg: TrainConfig) -> None:
     """A format-rigidity bound needs a suite and a task format; say so before training, not after."""
     if cfg.capability_max_format_rigidity is None:
@@ -383,7 +407,8 @@ def prepare(argv: list[str]) -> tuple[TrainConfig, dict[str, str]]:
     return cfg, sources
 
 
-CONFIG_LEGEND = "config ([you]: your command line or --config file; [demo]: filled in by model=demo; else the default):"
+CONFIG_LEGEND = ("config ([you]: your command line or --config file; [demo]: filled in by model=demo; "
+                 "[chat default]: a chat model on chat rows; else the default):")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -398,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_model(cfg)  # the slow part of a first run: pretraining the demo base / converting a GGUF
         # Needs the model's tokenizer files (a converted model has them only now).
         cfg = default_chat_suite(cfg, {k for k, v in sources.items() if v.startswith("you")})
+        cfg, sources = default_chat_recipe(cfg, sources)
         check_capability_gates(cfg)
         if rank0:
             print(CONFIG_LEGEND + "\n" + format_config(cfg, sources), flush=True)

@@ -55,7 +55,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from trainer.data import DataError
+from trainer.data import DataError, jsonl_rows
 
 BUILTIN_PROMPTS = Path(__file__).with_name("self_replay_prompts.jsonl")
 # Bump when generation or filtering changes what a cached file holds.
@@ -75,19 +75,8 @@ def read_prompt_file(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: self-replay prompts file not found")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc})") from None
     prompts = []
-    for lineno, text in enumerate(lines, start=1):
-        if not text.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    for where, row in jsonl_rows(path):
         if not isinstance(row, dict):
             raise DataError(f'{where}: a row must be an object {{"prompt": ...}}, got {type(row).__name__}')
         unknown = set(row) - _PROMPT_KEYS

@@ -96,7 +96,7 @@ def main(rounds: int = 21) -> None:
         for p in params:
             p.grad.zero_()
         want = float(ewc_step(params, anchors, fishers, LAMBDA))
-        got = sum(ext.ewc_fused(p.detach(), a, f, p.grad, LAMBDA) for p, a, f in zip(params, anchors, fishers))
+        got = sum(ext.ewc_fused(p.detach(), a, f, p.grad, LAMBDA) for p, a, f in zip(params, anchors, fishers, strict=True))
         assert abs(got - want) <= 1e-4 * abs(want), (got, want)  # the probe computes the same step
 
     ops = {
@@ -106,7 +106,7 @@ def main(rounds: int = 21) -> None:
         "compiled_model": lambda: compiled_model(*_row_views(params, anchors, fishers), LAMBDA),
         "addcmul": lambda: flat_grad.addcmul_(flat[2], flat[0], value=LAMBDA),
         "fused_cpp": lambda: sum(ext.ewc_fused(p.detach(), a, f, p.grad, LAMBDA)
-                                 for p, a, f in zip(params, anchors, fishers)),
+                                 for p, a, f in zip(params, anchors, fishers, strict=True)),
     }
     for op in ops.values():  # warm-up (and the compile)
         op()

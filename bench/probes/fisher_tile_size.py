@@ -27,7 +27,7 @@ SHAPES = [  # (N, T, in, out)
 
 def main(rounds: int = 21) -> None:
     saved = fisher_mod.TORCH_TILE_BYTES
-    print("ratio to the plain weight gradient (min of %d rounds); columns: tile size" % rounds)
+    print(f"ratio to the plain weight gradient (min of {rounds} rounds); columns: tile size")
     print(f"{'N x T, in->out':<22}{'wgrad ms':>9}" + "".join(f"{t >> 10:>9}K" for t in TILES))
     try:
         with backend.forced("torch"):
@@ -36,9 +36,9 @@ def main(rounds: int = 21) -> None:
                 x, dy = torch.randn(n, t, i, generator=gen), torch.randn(n, t, o, generator=gen)
                 x2, dy2 = x.reshape(-1, i), dy.reshape(-1, o)
                 fisher, wgrad = torch.zeros(o, i), torch.empty(o, i)
-                ops = {"wgrad": lambda: torch.mm(dy2.t(), x2, out=wgrad)}
+                ops = {"wgrad": lambda x2=x2, dy2=dy2, wgrad=wgrad: torch.mm(dy2.t(), x2, out=wgrad)}
                 for tile in TILES:
-                    def run(tile=tile):
+                    def run(tile=tile, x=x, dy=dy, fisher=fisher):  # bound now: ops run in this iteration only
                         fisher_mod.TORCH_TILE_BYTES = tile
                         fisher_mod.linear_grad_and_fisher_(x, dy, None, fisher)
                     ops[tile] = run
