@@ -73,6 +73,21 @@ def follow_umask(path: str | Path) -> None:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` beside ``path`` and rename it into place (a reader, or a resume, sees the old
+    file or the new one, never half of one), with the mode a plain ``open`` would give it."""
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    follow_umask(tmp)
+    os.replace(tmp, path)
+    return path
+
+
 def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
     if torch.cuda.is_available():

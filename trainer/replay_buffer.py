@@ -16,14 +16,12 @@ of the general rows sized so that the buffer's rows are ``buffer_share`` of the 
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TypeVar
 
-from trainer.checkpoint import follow_umask
+from trainer.checkpoint import atomic_write_text
 
 T = TypeVar("T")
 
@@ -72,11 +70,4 @@ def replay_rows(buffer: list[dict], general: list[dict] | None, buffer_share: fl
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> Path:
     """Write JSONL beside ``path`` and rename it into place: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    follow_umask(tmp)  # mkstemp makes 0600; an output file gets the mode open() would give it
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -267,16 +266,9 @@ def _row_format(path: str) -> str:
 
 def _write_json(path: Path, data: dict) -> None:
     """Atomic: a reader (or a resume) sees the old file or the new one, never half of one."""
-    import tempfile
+    from trainer.checkpoint import atomic_write_text
 
-    from trainer.checkpoint import follow_umask
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, default=str)
-    follow_umask(tmp)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))
 
 
 def _read_json(path: Path) -> dict | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 SCHEMA = "forgetless.sequence.report/1"
@@ -195,13 +194,9 @@ def draw(report: dict, path: Path) -> None:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    from trainer.checkpoint import follow_umask
+    from trainer.checkpoint import atomic_write_text
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    follow_umask(tmp)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def write_sequence_report(report: dict, out_dir: Path) -> dict[str, Path]:
