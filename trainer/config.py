@@ -270,33 +270,43 @@ def parse_args(argv: list[str]) -> TrainConfig:
     return parse_command_line(argv)[0]
 
 
-def parse_command_line(argv: list[str]) -> tuple[TrainConfig, set[str]]:
-    """Like :func:`parse_args`, plus the set of keys the user gave (file or command line)."""
-    values: dict[str, Any] = {}
-    overrides: dict[str, str] = {}
+def split_command_line(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """``[--config FILE.yaml ...] [key=value ...]`` -> (config files in order, key -> raw value);
+    keys are normalised (``--max-steps=3`` -> ``max_steps``) but not checked here."""
+    configs: list[str] = []
+    pairs: dict[str, str] = {}
     i = 0
     while i < len(argv):
         arg = argv[i]
         if arg in ("--config", "-c"):
             if i + 1 >= len(argv):
                 raise ConfigError("--config needs a YAML file")
-            values.update(load_yaml(argv[i + 1]))
+            configs.append(argv[i + 1])
             i += 2
             continue
         if arg.startswith("--config="):
-            values.update(load_yaml(arg.split("=", 1)[1]))
+            configs.append(arg.split("=", 1)[1])
         elif "=" in arg:
             key, value = arg.split("=", 1)
-            key = key.lstrip("-").replace("-", "_")
-            hints = field_types()
-            if key not in hints:
-                raise _unknown_key_error(key, "command line")
-            overrides[key] = value
+            pairs[key.lstrip("-").replace("-", "_")] = value
         else:
             key = arg.lstrip("-").replace("-", "_")
             hint = f" (write {key}={argv[i + 1]})" if arg.startswith("--") and i + 1 < len(argv) else ""
             raise ConfigError(f"cannot read argument {arg!r}: expected key=value or --config FILE.yaml{hint}")
         i += 1
+    return configs, pairs
+
+
+def parse_command_line(argv: list[str]) -> tuple[TrainConfig, set[str]]:
+    """Like :func:`parse_args`, plus the set of keys the user gave (file or command line)."""
+    configs, overrides = split_command_line(argv)
+    values: dict[str, Any] = {}
+    for path in configs:
+        values.update(load_yaml(path))
+    hints = field_types()
+    for key in overrides:
+        if key not in hints:
+            raise _unknown_key_error(key, "command line")
     for key in values:
         if key not in field_types():
             raise _unknown_key_error(key, "config file")

@@ -120,25 +120,12 @@ def _number(key: str, value: Any, kind: type, source: str):
 
 def parse_spec(argv: list[str]) -> SequenceSpec:
     """``--config FILE.yaml [key=value ...]`` -> SequenceSpec; SequenceError names what is wrong."""
-    from trainer.config import field_types
+    from trainer.config import field_types, split_command_line
 
-    config_path, cli = None, {}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("--config", "-c"):
-            if i + 1 >= len(argv):
-                raise SequenceError("--config needs a YAML file")
-            config_path, i = argv[i + 1], i + 2
-            continue
-        if arg.startswith("--config="):
-            config_path = arg.split("=", 1)[1]
-        elif "=" in arg:
-            key, value = arg.split("=", 1)
-            cli[key.lstrip("-").replace("-", "_")] = value
-        else:
-            raise SequenceError(f"cannot read argument {arg!r}: expected key=value or --config FILE.yaml")
-        i += 1
+    configs, cli = split_command_line(argv)
+    if len(configs) > 1:
+        raise SequenceError("give one --config FILE.yaml (the sequence's stages live in it)")
+    config_path = configs[0] if configs else None
     if config_path is None:
         raise SequenceError("a sequence needs --config FILE.yaml with a `stages:` list")
     values = load_yaml(config_path)
