@@ -130,6 +130,14 @@ def jsonl_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
             yield where, row
 
 
+def file_row_format(path: str | Path) -> str:
+    """The row format of a (checked) JSONL file, read from its first row: messages |
+    prompt_completion | text (check_jsonl makes sure a file holds one format)."""
+    for where, row in jsonl_rows(path):
+        return _row_format(row, where)
+    raise DataError(f"{path}: empty file (no JSON rows)")
+
+
 def check_jsonl(path: str | Path) -> int:
     """Check every line of a JSONL file (plain Python, no heavy imports); returns the row count."""
     p = Path(path)

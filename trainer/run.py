@@ -162,13 +162,9 @@ def resolve_model_source(cfg: TrainConfig) -> TrainConfig:
 
 def _rows_are_chat(path: str) -> bool:
     """True when the (already checked) JSONL's rows are ``{"messages": [...]}`` (one format per file)."""
-    import json
+    from trainer.data import file_row_format
 
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                return "messages" in json.loads(line)
-    return False
+    return file_row_format(path) == "messages"
 
 
 def _has_chat_template(tokenizer_dir: str) -> bool:
@@ -186,12 +182,17 @@ def _has_chat_template(tokenizer_dir: str) -> bool:
         return False
 
 
+def _chat_model_on_chat_rows(cfg: TrainConfig) -> bool:
+    """What both chat defaults ask: chat rows in ``data`` and a chat template in the tokenizer."""
+    return _rows_are_chat(cfg.data) and _has_chat_template(cfg.tokenizer or cfg.model)
+
+
 def default_chat_suite(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     """A chat model trained on chat rows with no capability_suite given is scored on the shipped
     general chat suite (eval/suites/chat_general.jsonl): the forgetting its users would see."""
     if cfg.capability_suite or "capability_suite" in explicit or not cfg.data:
         return cfg
-    if not _rows_are_chat(cfg.data) or not _has_chat_template(cfg.tokenizer or cfg.model):
+    if not _chat_model_on_chat_rows(cfg):
         return cfg
     from eval.suite import shipped_suite
 
@@ -220,7 +221,7 @@ def default_chat_recipe(cfg: TrainConfig, sources: dict[str, str]) -> tuple[Trai
         return cfg, sources
     if cfg.method not in ("lora", "full") or not cfg.data:
         return cfg, sources
-    if not _rows_are_chat(cfg.data) or not _has_chat_template(cfg.tokenizer or cfg.model):
+    if not _chat_model_on_chat_rows(cfg):
         return cfg, sources
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"replay: not given; a chat model tuned on chat rows replays the base's own answers to the "

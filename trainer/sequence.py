@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import ConfigError, TrainConfig, build_config, load_yaml
-from trainer.data import DataError, read_jsonl
+from trainer.data import DataError, file_row_format, read_jsonl
 from trainer.replay_buffer import replay_rows, stage_buffer, stage_shares, write_jsonl_atomic
 
 DEFAULT_OUTPUT = "runs/sequence"
@@ -233,19 +233,12 @@ def stage_configs(spec: SequenceSpec) -> list[Stage]:
     if spec.replay_buffer:
         # The buffer (and its general rows) is one replay file, and the trainer reads one row format per file.
         files = [s.cfg.data for s in stages] + [s.cfg.replay_data for s in stages if s.general_replay]
-        formats = {path: _row_format(path) for path in dict.fromkeys(files)}
+        formats = {path: file_row_format(path) for path in dict.fromkeys(files)}
         if len(set(formats.values())) > 1:
             raise SequenceError("replay_buffer: the stages' data (and replay_data) must share one row format, since "
                                 "their rows are replayed from one file; found "
                                 + ", ".join(f"{p} ({f})" for p, f in formats.items()))
     return stages
-
-
-def _row_format(path: str) -> str:
-    """The row format of a (checked) JSONL file, from its first row: messages | prompt_completion | text."""
-    with open(path, encoding="utf-8") as fh:
-        row = json.loads(next(line for line in fh if line.strip()))
-    return "messages" if "messages" in row else ("prompt_completion" if "prompt" in row else "text")
 
 
 # ------------------------------------------------------------------------ state on disk
