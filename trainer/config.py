@@ -112,6 +112,8 @@ class TrainConfig:
     bf16: str = _f("auto", "bf16 autocast: auto (on with CUDA bf16, or a CPU with AVX512_BF16/AMX and a model over 20M parameters) | true | false", ("auto", "true", "false"))
     fused_head: bool = _f(True, "LM head + loss without the [tokens, vocab] logits (kernels.linear_cross_entropy); "
                           "where the model's head is not a plain linear map its own logits are used (logged)")
+    recompute_mlp: bool = _f(True, "gated MLPs (Llama, Qwen2, Mistral, Gemma) keep only gate(x) and up(x) for backward and "
+                             "remake the rest there (kernels.gated_mlp): two fewer [tokens, intermediate] tensors a layer")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     fsdp: bool = _f(False, "shard full fine-tuning with FSDP2 (fully_shard) under torchrun")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")

@@ -551,6 +551,12 @@ def train(cfg: TrainConfig, on_step_end: Callable[[int, dict], None] | None = No
     cfg = self_replay(cfg, model, tokenizer, rows, ctx)
     data = tokenize_data(cfg, tokenizer, rows, ctx)
     method = prepare_method(cfg, model, tokenizer, rows, pad_id, out_dir, ctx)
+    if cfg.recompute_mlp:
+        from kernels.gated_mlp import recompute_mlp_activations
+
+        mlps = recompute_mlp_activations(model)
+        _log(f"memory: {mlps} gated MLPs keep only gate(x) and up(x) for backward" if mlps else
+             "memory: no gated MLP recognised; recompute_mlp changes nothing for this model", ctx)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     head = choose_head(model, data.task.examples[0], pad_id, ctx.device, cfg.fused_head,
