@@ -53,19 +53,10 @@ class GatedProduct(torch.autograd.Function):
         g, u = ctx.saved_tensors
         need_g, need_u = ctx.needs_input_grad[:2]
         if _is_silu(ctx.act):
-            # silu(g) = g s with s = sigmoid(g); silu'(g) = s (1 + g (1 - s)). Computed in fp32
-            # for half inputs, as torch's own silu backward does internally.
-            compute = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype
-            gf = g.to(compute)
-            s = torch.sigmoid(gf)
-            silu = gf * s
-            du = (dh * silu).to(u.dtype) if need_u else None
-            if need_g:
-                # silu'(g) = s (1 + g (1 - s)) = s + silu (1 - s)
-                dact = silu.mul_(1.0 - s).add_(s)
-                dg = (dh * u).to(compute).mul_(dact).to(g.dtype)
-            else:
-                dg = None
+            # Four elementwise passes, as autograd's own silu + mul backward would take:
+            # torch's silu_backward computes silu'(g) internally in fp32 for half inputs.
+            du = dh * torch.nn.functional.silu(g) if need_u else None
+            dg = torch.ops.aten.silu_backward(dh * u, g) if need_g else None
             return dg, du, None
         # Any other activation: its derivative by autograd on a recomputed act(g).
         with torch.enable_grad():
