@@ -57,17 +57,45 @@ def _rows_per_chunk(vocab: int, bytes_per_logit: int, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // max(1, vocab * bytes_per_logit))
 
 
-def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
-    """``h wᵀ + b`` in h's dtype (library GEMM, fp32 accumulation inside), returned in ``acc``."""
-    z = torch.mm(h, w.t()) if b is None else torch.addmm(b, h, w.t())
-    return z if z.dtype == acc else z.to(acc)
+class _Scratch:
+    """The chunk loop's ``[rows, V]`` buffers, allocated once per call and reused by every chunk.
+
+    A fresh tensor per chunk would be a fresh allocation per chunk: at 49k words a chunk's
+    fp32 logits are over glibc's 32 MiB mmap threshold, so each one is mapped, page-faulted
+    and unmapped again. Profiled at SmolLM2-135M's shape on this CPU (LoRA bf16, 8 x 512),
+    those faults made the head's casts take 0.3 to 4.6 s of a 12-17 s step, varying from run to
+    run; reused, they take one chunk's page faults per call."""
+
+    def __init__(self, rows: int, vocab: int, device: torch.device) -> None:
+        self.rows, self.vocab, self.device = rows, vocab, device
+        self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def take(self, name: str, m: int, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised ``[m, V]`` view (``m <= rows``) of buffer ``name``: valid until the next take of it."""
+        key = (name, dtype)
+        buf = self.buffers.get(key)
+        if buf is None:
+            buf = self.buffers[key] = torch.empty((self.rows, self.vocab), dtype=dtype, device=self.device)
+        return buf[:m]
 
 
-ChunkLoss = Callable[[int, int, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]]
+def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, acc: torch.dtype,
+            scratch: _Scratch, name: str = "logits") -> torch.Tensor:
+    """``h wᵀ + b`` in h's dtype (library GEMM, fp32 accumulation inside), returned in ``acc``,
+    in ``scratch``'s buffers ``name`` (compute dtype) and ``name`` (acc dtype)."""
+    z = scratch.take(name, h.shape[0], h.dtype)
+    if b is None:
+        torch.mm(h, w.t(), out=z)
+    else:
+        torch.addmm(b, h, w.t(), out=z)
+    return z if z.dtype == acc else scratch.take(name, h.shape[0], acc).copy_(z)
+
+
+ChunkLoss = Callable[[int, int, torch.Tensor, bool, _Scratch], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 def _head_pass(h, w, b, rows: int, need_dh: bool, need_dw: bool, need_db: bool, chunk_loss: ChunkLoss):
-    """For chunks of rows of ``h`` (compute dtype): ``chunk_loss(start, stop, logits, need_grad)``
+    """For chunks of rows of ``h`` (compute dtype): ``chunk_loss(start, stop, logits, need_grad, scratch)``
     returns the chunk's summed loss and the gradient of it in the logits (may overwrite the
     logits it was given); this accumulates ``(loss, dh, dW, db)`` (None where not needed;
     dh in h's dtype, dW and db in the accumulation dtype)."""
@@ -79,16 +107,18 @@ def _head_pass(h, w, b, rows: int, need_dh: bool, need_dw: bool, need_db: bool, 
     dw = torch.zeros((w.shape[0], d), dtype=acc, device=h.device) if need_dw else None
     db = torch.zeros(w.shape[0], dtype=acc, device=h.device) if need_db else None
     dw_chunk = None  # reused [V, D] partial when dW is accumulated in a wider dtype than h
+    scratch = _Scratch(min(rows, n), w.shape[0], h.device)
     for start in range(0, n, rows):
         stop = min(n, start + rows)
         hc = h[start:stop]
-        part, g = chunk_loss(start, stop, _logits(hc, w, b, acc), need_grad)
+        part, g = chunk_loss(start, stop, _logits(hc, w, b, acc, scratch), need_grad, scratch)
         loss += part
         if g is None:
             continue
         if db is not None:
             db += g.sum(0)
-        g = g.to(h.dtype)
+        if g.dtype != h.dtype:  # the compute-dtype logits buffer is free again: the GEMMs' input
+            g = scratch.take("logits", stop - start, h.dtype).copy_(g)
         if dh is not None:
             torch.mm(g, w, out=dh[start:stop])
         if dw is not None:
@@ -161,7 +191,7 @@ def _ce_torch(h, w, b, labels, valid, chunk_bytes, need_dh, need_dw, need_db):
     safe = torch.where(valid, labels, 0).unsqueeze(1)
     all_valid = bool(valid.all())
 
-    def chunk_loss(start, stop, z, need_grad):
+    def chunk_loss(start, stop, z, need_grad, scratch):
         lab, ok = safe[start:stop], valid[start:stop]
         target = z.gather(1, lab).squeeze(1)
         # log-sum-exp by hand, in place: torch.logsumexp would allocate a [rows, V] temporary,
@@ -287,18 +317,18 @@ def _kl_torch(h, w, b, h_t, w_t, b_t, kind, chunk_bytes, need_dh, need_dw, need_
     per_logit = 3 * acc.itemsize + (2 * h.dtype.itemsize if h.dtype != acc else 0)
     rows = _rows_per_chunk(w.shape[0], per_logit, chunk_bytes)
 
-    def chunk_loss(start, stop, z, need_grad):
+    def chunk_loss(start, stop, z, need_grad, scratch):
         log_ps = z.sub_(torch.logsumexp(z, dim=1, keepdim=True))
-        log_pt = _logits(h_t[start:stop], w_t, b_t, acc)
+        log_pt = _logits(h_t[start:stop], w_t, b_t, acc, scratch, "teacher")
         log_pt -= torch.logsumexp(log_pt, dim=1, keepdim=True)
         if kind == "forward":  # sum p_t (log p_t - log p_s); d/dz_s = p_s - p_t
-            diff = log_pt - log_ps
+            diff = torch.sub(log_pt, log_ps, out=scratch.take("difference", stop - start, acc))
             p_t = log_pt.exp_()
             part = diff.mul_(p_t).sum()
             del diff
             return part, (log_ps.exp_().sub_(p_t) if need_grad else None)
         # reverse: sum p_s (log p_s - log p_t); d/dz_s = p_s (log p_s - log p_t - KL)
-        r = log_ps - log_pt
+        r = torch.sub(log_ps, log_pt, out=scratch.take("difference", stop - start, acc))
         p_s = log_ps.exp_()
         rows_kl = torch.mul(p_s, r, out=log_pt).sum(1, keepdim=True)
         return rows_kl.sum(), (r.sub_(rows_kl).mul_(p_s) if need_grad else None)
@@ -394,8 +424,9 @@ def topk_log_probs(
     with backend.autocast_off(h):
         h, w, b = h.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
         rows = _rows_per_chunk(w.shape[0], acc.itemsize + dtype.itemsize, chunk_bytes or CHUNK_BYTES)
+        scratch = _Scratch(min(rows, h.shape[0]), w.shape[0], h.device)
         for start in range(0, h.shape[0], rows):
-            z = _logits(h[start:start + rows], w, b, acc)
+            z = _logits(h[start:start + rows], w, b, acc, scratch)
             top, idx = z.topk(int(k), dim=1)
             values[start:start + rows] = top - torch.logsumexp(z, dim=1, keepdim=True)
             ids[start:start + rows] = idx
@@ -409,7 +440,7 @@ def _kl_topk_torch(h, w, b, ids, lp_t, chunk_bytes, need_dh, need_dw, need_db):
     per_logit = 2 * acc.itemsize + (2 * h.dtype.itemsize if h.dtype != acc else 0)
     rows = _rows_per_chunk(vocab, per_logit, chunk_bytes)
 
-    def chunk_loss(start, stop, z, need_grad):
+    def chunk_loss(start, stop, z, need_grad, scratch):
         log_ps = z.sub_(torch.logsumexp(z, dim=1, keepdim=True))
         idx, lt = ids[start:stop], lp_t[start:stop].to(acc)
         p_t = lt.exp()
