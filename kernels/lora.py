@@ -22,6 +22,8 @@ contrast, keeps the dropped copy of ``x`` plus the mask alive until backward.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from kernels import backend
@@ -138,6 +140,32 @@ def lora_dropout_mask(
 
 
 # --------------------------------------------------------------------------- autograd
+# (weakref to x, x's version, dtype, weakref to its cast copy) of the last cast: see _cast_shared.
+_last_cast: tuple | None = None
+
+
+def _cast_shared(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)``, reusing the previous call's copy when it was made from this same ``x``
+    (same object, unchanged since) and is still alive.
+
+    Attention's q, k and v projections read one x, as do an MLP's gate and up. Under autocast
+    each ``F.linear`` casts x again and saves its own bf16 copy for backward; here they share
+    one: at SmolLM2-135M's shape (8 x 512 tokens, width 576) three fewer 4.7 MB copies a layer
+    are made and kept. Only weak references are held, so nothing outlives its graph."""
+    global _last_cast
+    if x.dtype == dtype:
+        return x
+    if _last_cast is not None:
+        x_ref, version, cast_dtype, copy_ref = _last_cast
+        if x_ref() is x and version == x._version and cast_dtype == dtype:
+            copy = copy_ref()
+            if copy is not None:
+                return copy
+    copy = x.to(dtype)
+    _last_cast = (weakref.ref(x), x._version, dtype, weakref.ref(copy))
+    return copy
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """One Function for both backends; saves x, the weights and ``u = drop(x) Aᵀ`` only."""
 
@@ -150,8 +178,9 @@ class LoRALinearFunction(torch.autograd.Function):
         dtype = backend.compute_dtype(x)
         ctx.bias_meta = None if bias is None else (bias.dtype, bias.requires_grad)
         with backend.autocast_off(x):
-            # The cast copy of x is what is saved, as autocast's F.linear saves its bf16 x.
-            xc = x.to(dtype)
+            # The cast copy of x is what is saved, as autocast's F.linear saves its bf16 x; one
+            # copy shared by the projections that read the same x (see _cast_shared).
+            xc = _cast_shared(x, dtype)
             x2 = xc.reshape(-1, in_features)
             if which == "torch":
                 y2, u = _lora_fwd_torch(x2, weight, bias, lora_A, lora_B, scale, dropout_p, seed)

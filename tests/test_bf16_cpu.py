@@ -152,6 +152,42 @@ def test_lora_op_under_autocast_is_bf16_not_fp32():
     assert 2.0**-12 < rel < EPS_BF16
 
 
+def test_projections_reading_one_x_share_one_bf16_copy_and_keep_exact_gradients():
+    """q, k and v read the same x: under autocast they save one bf16 copy of it, not three
+    (checked on what autograd saved), and each still gets the gradient of its own float64
+    reference; an x changed in place in between gets a fresh copy."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 7, 24, generator=gen).requires_grad_()
+    layers = [(torch.randn(out_f, 24, generator=gen), torch.randn(3, 24, generator=gen).requires_grad_(),
+               torch.randn(out_f, 3, generator=gen).requires_grad_()) for out_f in (24, 8, 8)]
+    with backend.forced("torch"), _autocast():
+        ys = [lora_linear(x, w, None, A, B, 0.5) for w, A, B in layers]
+    saved = [y.grad_fn.saved_tensors[0] for y in ys]
+    assert saved[0].dtype == torch.bfloat16
+    assert all(t.data_ptr() == saved[0].data_ptr() for t in saved)
+    dys = [torch.randn(y.shape, generator=gen).bfloat16() for y in ys]
+    torch.autograd.backward(ys, dys)
+    x64 = x.detach().double().requires_grad_()
+    ref = []
+    for (w, A, B), dy in zip(layers, dys, strict=True):
+        A64 = A.detach().double().requires_grad_()
+        y = x64 @ w.double().t() + 0.5 * (x64 @ A64.t()) @ B.detach().double().t()
+        y.backward(dy.double())
+        ref.append((A.grad, A64.grad))
+    for got, exact in ref:
+        assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < 2 * EPS_BF16
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=0, atol=4 * EPS_BF16 * x64.grad.abs().max().item())
+
+    x2 = torch.randn(5, 24, generator=gen)
+    with backend.forced("torch"), _autocast():
+        w, A, B = layers[0]
+        first = lora_linear(x2, w, None, A, B, 0.5).grad_fn.saved_tensors[0]
+        x2.mul_(2.0)
+        second = lora_linear(x2, w, None, A, B, 0.5).grad_fn.saved_tensors[0]
+    assert second.data_ptr() != first.data_ptr()
+    torch.testing.assert_close(second.float(), x2.bfloat16().float())
+
+
 # ----------------------------------------------------------------------- layers, penalty, Fisher
 
 

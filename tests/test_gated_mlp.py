@@ -13,7 +13,7 @@ from transformers.activations import ACT2FN
 from bench.harness import TensorMemoryTracker
 from kernels.gated_mlp import GatedProduct, recompute_mlp_activations
 from kernels.lora_layers import apply_lora
-from tests.tiny_models import tiny_llama, tiny_qwen2
+from tiny_models import tiny_llama, tiny_qwen2
 
 
 @pytest.mark.parametrize("act_name", ["silu", "gelu_pytorch_tanh", "relu"])
