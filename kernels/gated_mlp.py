@@ -20,7 +20,9 @@ Here only ``gate(x)`` and ``up(x)`` are kept:
 
 The forward arithmetic is unchanged (the same ``act`` then the same multiply), so outputs
 are bitwise the model's own; the gradients agree to rounding (tests compare with float64).
-The cost is one more elementwise pass over ``g`` and ``u`` per layer in backward.
+The cost is three more elementwise passes per layer in backward (``act(g)`` for this backward,
+``act(g) * u`` for the down projection's): measured at SmolLM2-135M's shape it is lost in the
+noise of a step (bench/probes/recompute_mlp.py; docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["GatedProduct", "gated_product", "recompute_mlp_activations", "is_gated_mlp"]
+__all__ = ["GatedProduct", "recompute_mlp_activations", "is_gated_mlp"]
 
 _PATCHED = "_forgetless_recompute_mlp"
 
@@ -53,8 +55,8 @@ class GatedProduct(torch.autograd.Function):
         g, u = ctx.saved_tensors
         need_g, need_u = ctx.needs_input_grad[:2]
         if _is_silu(ctx.act):
-            # Four elementwise passes, as autograd's own silu + mul backward would take:
-            # torch's silu_backward computes silu'(g) internally in fp32 for half inputs.
+            # Autograd's own silu + mul backward takes three elementwise passes; this takes a
+            # fourth to remake silu(g). silu_backward computes silu'(g) in fp32 for half inputs.
             du = dh * torch.nn.functional.silu(g) if need_u else None
             dg = torch.ops.aten.silu_backward(dh * u, g) if need_g else None
             return dg, du, None
@@ -65,13 +67,6 @@ class GatedProduct(torch.autograd.Function):
         du = dh * a.detach() if need_u else None
         dg = torch.autograd.grad(a, g_, dh * u)[0] if need_g else None
         return dg, du, None
-
-
-def gated_product(g: torch.Tensor, u: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """``act(g) * u``; with grad enabled, saves only ``g`` and ``u`` for backward."""
-    if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
-        return GatedProduct.apply(g, u, act)
-    return act(g) * u
 
 
 class _Remake:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_llama, tiny_qwen2
 from transformers.activations import ACT2FN
 
 from bench.harness import TensorMemoryTracker
 from kernels.gated_mlp import GatedProduct, recompute_mlp_activations
 from kernels.lora_layers import apply_lora
-from tiny_models import tiny_llama, tiny_qwen2
 
 
 @pytest.mark.parametrize("act_name", ["silu", "gelu_pytorch_tanh", "relu"])

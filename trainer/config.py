@@ -113,7 +113,8 @@ class TrainConfig:
     fused_head: bool = _f(True, "LM head + loss without the [tokens, vocab] logits (kernels.linear_cross_entropy); "
                           "where the model's head is not a plain linear map its own logits are used (logged)")
     recompute_mlp: bool = _f(True, "gated MLPs (Llama, Qwen2, Mistral, Gemma) keep only gate(x) and up(x) for backward and "
-                             "remake the rest there (kernels.gated_mlp): two fewer [tokens, intermediate] tensors a layer")
+                             "remake the rest there (kernels.gated_mlp): two fewer [tokens, intermediate] tensors a layer; "
+                             "off under gradient_checkpointing")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     fsdp: bool = _f(False, "shard full fine-tuning with FSDP2 (fully_shard) under torchrun")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")

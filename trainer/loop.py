@@ -16,7 +16,6 @@ import contextlib
 import json
 import math
 import random
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -47,6 +46,7 @@ from trainer.data import (
 )
 from trainer.kl_anchor import KLAnchor, build_kl_anchor
 from trainer.loss import Head, choose_head, to_device, validation_loss
+from trainer.memory import peak_memory_mb, peak_memory_scope, reset_peak_memory
 from trainer.methods import LoRAWeights, Method, build_method, fisher_key, load_fisher_file
 from trainer.packing import BatchLayout, build_batch, resolve_layout
 
@@ -69,6 +69,7 @@ class TrainResult:
     wall_seconds: float = 0.0
     tokens_per_second: float = 0.0
     peak_memory_mb: float = 0.0
+    peak_memory_scope: str = "resident, whole process"
     task_rows: int = 0
     replay_rows: int = 0
     fisher_file: Path | None = None
@@ -78,7 +79,7 @@ class TrainResult:
         share = self.replay_rows / max(1, self.task_rows + self.replay_rows)
         lines = [
             f"done: {self.steps} steps in {self.wall_seconds:.1f} s, {self.tokens_per_second:,.0f} tokens/s, "
-            f"peak memory {self.peak_memory_mb:,.0f} MB",
+            f"peak memory {self.peak_memory_mb:,.0f} MB ({self.peak_memory_scope})",
             f"  rows trained: {self.task_rows} task + {self.replay_rows} replay (replay share {share:.3f})",
         ]
         if self.losses:
@@ -107,12 +108,6 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     if cfg.lr_scheduler_type == "cosine":
         return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
     return cfg.learning_rate
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _log(text: str, ctx: D.DistContext) -> None:
@@ -537,6 +532,7 @@ def train(cfg: TrainConfig, on_step_end: Callable[[int, dict], None] | None = No
     """Run one training job as ``cfg`` says (paths already resolved, see ``trainer.run``)."""
     t_start = time.time()
     ctx = D.setup(cfg.device)
+    memory_reset = reset_peak_memory(ctx.device)  # this run's peak, not an earlier run's in this process
     out_dir = Path(cfg.output_dir)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -551,7 +547,9 @@ def train(cfg: TrainConfig, on_step_end: Callable[[int, dict], None] | None = No
     cfg = self_replay(cfg, model, tokenizer, rows, ctx)
     data = tokenize_data(cfg, tokenizer, rows, ctx)
     method = prepare_method(cfg, model, tokenizer, rows, pad_id, out_dir, ctx)
-    if cfg.recompute_mlp:
+    # Not under gradient checkpointing, which recomputes whole layers: the remade-h note would
+    # keep gate(x) and up(x) alive past the checkpoint that meant to drop them.
+    if cfg.recompute_mlp and not cfg.gradient_checkpointing:
         from kernels.gated_mlp import recompute_mlp_activations
 
         mlps = recompute_mlp_activations(model)
@@ -577,7 +575,8 @@ def train(cfg: TrainConfig, on_step_end: Callable[[int, dict], None] | None = No
          f"device {ctx.device}; precision {'bf16 autocast' if use_bf16 else 'fp32'}", ctx)
     optimizer = build_optimizer(cfg, params, method, sharded=D.is_fsdp(model))
     state, best_weights = restore(cfg, model, optimizer, out_dir, ctx)
-    result = TrainResult(output_dir=out_dir, saved_to=None, steps=plan.total_steps, fisher_file=method.fisher_file)
+    result = TrainResult(output_dir=out_dir, saved_to=None, steps=plan.total_steps, fisher_file=method.fisher_file,
+                         peak_memory_scope=peak_memory_scope(ctx.device, memory_reset))
     checkpoints = ckpt.list_checkpoints(out_dir)
     result.last_checkpoint = checkpoints[-1] if checkpoints else None
     run = Run(cfg, ctx, out_dir, model, tokenizer, pad_id, method, params, optimizer, autocast, head, layout, kl, data, plan,
