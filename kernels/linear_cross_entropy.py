@@ -38,10 +38,12 @@ from kernels import backend
 __all__ = ["CHUNK_BYTES", "linear_cross_entropy", "linear_kl_divergence", "linear_kl_from_topk", "topk_log_probs"]
 
 # Memory budget of one chunk's [rows, V] temporaries (logits, their fp32 copy under bf16, and
-# for the KL the teacher's).  64 MiB is 341 tokens of a 49,152-token vocabulary in fp32:
-# GEMMs of that height run at full speed, and it is a small fraction of what the full logits
-# take (8 x 512 tokens: 0.8 GB per copy).
-CHUNK_BYTES = 64 << 20
+# for the KL the teacher's).  128 MiB is 341 tokens of a 49,152-token vocabulary under bf16
+# (2 + 4 + 2 bytes a logit): each chunk's three GEMMs against the whole head pay for fresh
+# library scratch, so taller chunks are faster (bench/probes/lce_chunk_size.py: 2.64 s for
+# SmolLM2's head at 8 x 512 against 3.18 s at 64 MiB); it stays a small fraction of what
+# the full logits take (8 x 512 tokens: 0.8 GB per fp32 copy).
+CHUNK_BYTES = 128 << 20
 
 _REDUCTIONS = ("sum", "mean")
 
@@ -62,9 +64,9 @@ class _Scratch:
 
     A fresh tensor per chunk would be a fresh allocation per chunk: at 49k words a chunk's
     fp32 logits are over glibc's 32 MiB mmap threshold, so each one is mapped, page-faulted
-    and unmapped again. Profiled at SmolLM2-135M's shape on this CPU (LoRA bf16, 8 x 512),
-    those faults made the head's casts take 0.3 to 4.6 s of a 12-17 s step, varying from run to
-    run; reused, they take one chunk's page faults per call."""
+    and unmapped again. Measured on SmolLM2-135M's head at 8 x 512 tokens under bf16 (64 MiB
+    chunks, 2 threads, medians of 6): 3.22 s a call reused against 3.63 s fresh, 0.76 M
+    against 1.13 M minor page faults."""
 
     def __init__(self, rows: int, vocab: int, device: torch.device) -> None:
         self.rows, self.vocab, self.device = rows, vocab, device
