@@ -379,3 +379,13 @@ def test_weights_load_only_from_safetensors(ws, tmp_path):
     (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
     with pytest.raises(ConfigError, match="no \\*.safetensors weights; forgetless loads weights only from safetensors"):
         train(run_config(ws, tmp_path / "out", model=str(pickled)))
+
+
+def test_matrix_runners_select_rows_by_name_and_name_the_unknown_ones():
+    from trainer.demo.compare import MatrixError, select_rows
+
+    rows = [{"name": "full"}, {"name": "lora"}, {"name": "ewc"}]
+    assert select_rows(rows, "", "m.yaml") == rows
+    assert [r["name"] for r in select_rows(rows, " ewc, full ", "m.yaml")] == ["full", "ewc"]  # matrix order
+    with pytest.raises(MatrixError, match=r"--only: no rows named nope, zzz in m.yaml"):
+        select_rows(rows, "lora,zzz,nope", "m.yaml")

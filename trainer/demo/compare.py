@@ -250,6 +250,17 @@ def draw_pareto(rows: list[MatrixRow], path: Path) -> int:
     return draw_scatter(summaries, path, curves=curves)
 
 
+def select_rows(rows: list[dict[str, Any]], only: str, matrix: str | Path) -> list[dict[str, Any]]:
+    """The rows ``--only a,b`` names (all rows when ``only`` is empty); an unknown name is an error."""
+    if not only:
+        return rows
+    wanted = [s.strip() for s in only.split(",") if s.strip()]
+    unknown = sorted(set(wanted) - {r["name"] for r in rows})
+    if unknown:
+        raise MatrixError(f"--only: no rows named {', '.join(unknown)} in {matrix}")
+    return [r for r in rows if r["name"] in wanted]
+
+
 def _split_cli(pairs: list[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
@@ -276,12 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         common, rows = load_matrix(args.matrix)
         cli = _split_cli(args.overrides)
-        if args.only:
-            wanted = [s.strip() for s in args.only.split(",") if s.strip()]
-            unknown = sorted(set(wanted) - {r["name"] for r in rows})
-            if unknown:
-                raise MatrixError(f"--only: no rows named {', '.join(unknown)} in {args.matrix}")
-            rows = [r for r in rows if r["name"] in wanted]
+        rows = select_rows(rows, args.only, args.matrix)
         for row in rows:  # every row's config is checked before the first one trains
             row_config(common, row, cli, Path(args.out))
         use_one_thread_for_small_models(Path(row_config(common, rows[0], cli, Path(args.out)).model))

@@ -32,12 +32,10 @@ from pathlib import Path
 
 import yaml
 
+from trainer.demo.compare import MatrixError, select_rows
+
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MATRIX = REPO / "configs" / "sequence_matrix.yaml"
-
-
-class MatrixError(ValueError):
-    """A problem with the matrix file (exit 2)."""
 
 
 def load_matrix(path: str | Path) -> tuple[Path, list[dict]]:
@@ -129,12 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     try:
         config, rows = load_matrix(args.matrix)
-        if args.only:
-            wanted = [s.strip() for s in args.only.split(",") if s.strip()]
-            unknown = sorted(set(wanted) - {r["name"] for r in rows})
-            if unknown:
-                raise MatrixError(f"--only: no rows named {', '.join(unknown)} in {args.matrix}")
-            rows = [r for r in rows if r["name"] in wanted]
+        rows = select_rows(rows, args.only, args.matrix)
         plans = []
         for row in rows:  # every row's config is checked before the first one trains
             spec = sequence.parse_spec(row_argv(config, row, args.overrides, out))
