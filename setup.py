@@ -46,6 +46,8 @@ setup(
             "peft>=0.13",
             "backpack-for-pytorch>=1.6",
             "opacus>=1.5",
+            # tests/test_model_source.py writes and reads a tiny GGUF; without it those tests skip
+            "gguf>=0.10",
         ],
         "bench": [
             "peft>=0.13",
