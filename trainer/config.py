@@ -17,6 +17,14 @@ from typing import Any
 import yaml
 
 METHODS = ("full", "lora", "ewc", "lora_ewc")
+# What the loss is, independent of which weights move (method): plain next-token NLL (sft), DFT
+# (each token's NLL weighted by its own detached probability, arXiv 2508.05629), or on-policy
+# self-distillation (sdft, arXiv 2601.19897: the student samples, the demonstration-conditioned
+# teacher scores, the loss is a per-token divergence over the whole vocabulary).
+OBJECTIVES = ("sft", "dft", "sdft")
+SDFT_TEMPLATE = ("{prompt}\n\nThis is an example for a response to the question:\n{demonstration}\n\n"
+                 "Now answer with a response of your own, including the thinking process.")
+CAPABILITY_GATES = ("significant", "point")
 SELF_REPLAY = "self"  # replay_data=self: the base model's own answers to a prompt bank (trainer.self_replay)
 
 
@@ -86,6 +94,22 @@ class TrainConfig:
     fisher_path: str | None = _f(None, "reuse this Fisher file (safetensors) instead of estimating one")
     previous_fisher: str | None = _f(None, "online EWC: earlier Fisher file merged as gamma*F_old + F_new")
     ewc_online_gamma: float = _f(1.0, "online EWC decay of previous_fisher")
+    # --- objective (what the loss is) ---------------------------------------------------------
+    objective: str = _f("sft", "sft (next-token NLL) | dft (NLL weighted by the token's own detached probability; "
+                        "ASFT = dft with kl_to_base) | sdft (on-policy self-distillation, see trainer/sdft.py)",
+                        OBJECTIVES)
+    sdft_template: str = _f(SDFT_TEMPLATE, "sdft: the teacher's user turn; must hold {prompt} and {demonstration}")
+    sdft_teacher: str = _f("base", "sdft: base (LoRA: adapters off; full: a frozen copy) | ema (an EMA of the student)",
+                           ("base", "ema"))
+    sdft_ema_rate: float = _f(0.01, "sdft_teacher=ema: teacher <- (1 - rate) teacher + rate student, each step")
+    sdft_divergence: str = _f("forward", "sdft: forward = KL(teacher || student) | reverse = KL(student || teacher) | "
+                              "jsd (sdft_jsd_beta)", ("forward", "reverse", "jsd"))
+    sdft_jsd_beta: float = _f(0.5, "sdft_divergence=jsd: mixture weight beta in M = beta P_teacher + (1 - beta) P_student")
+    sdft_temperature: float = _f(1.0, "sdft: sampling temperature of the student's rollouts")
+    sdft_top_p: float = _f(1.0, "sdft: nucleus mass of the student's rollouts (1 = the whole vocabulary)")
+    sdft_max_new_tokens: int = _f(64, "sdft: tokens sampled per rollout at most (a rollout stops at end of turn)")
+    sdft_num_generations: int = _f(1, "sdft: rollouts sampled per prompt each step")
+    sdft_skip_tokens: int = _f(3, "sdft: the first N sampled tokens of each rollout carry no loss (reference code: 3)")
     # --- self-replay (replay_data=self) ----------------------------------------------------
     self_replay_prompts: str | None = _f(None, "your own prompts, JSONL rows {\"prompt\": ...}, added to the built-in bank")
     self_replay_samples: int = _f(256, "prompts drawn (seeded by seed) from the bank for the base to answer (0 = all)")
@@ -103,6 +127,10 @@ class TrainConfig:
     # --- validation, early stopping, checkpoints -------------------------------------------
     eval_steps: int = _f(0, "validation loss every N steps (0 = only at the end)")
     early_stopping_patience: int = _f(0, "stop after N evaluations without improvement, restoring the best weights (0 = off)")
+    early_stopping_metric: str = _f("loss", "what early stopping watches: loss (validation loss) | task (the task's "
+                                    "validation score, capability_task scored at each eval step)", ("loss", "task"))
+    max_kl_to_base: float | None = _f(None, "stop when KL(base || tuned) on the task's validation prompts (logged at every "
+                                            "eval step as kl_to_base_val) exceeds this many nats per token (None = off)")
     save_steps: int = _f(0, "checkpoint every N steps (0 = only on interrupt)")
     save_total_limit: int = _f(2, "keep at most N checkpoints (0 = keep all)")
     resume_from_checkpoint: str | None = _f(None, "checkpoint directory, or 'latest' in output_dir")
@@ -124,6 +152,9 @@ class TrainConfig:
     capability_task: str | None = _f(None, "eval suite JSONL of the target task, for the target gain in the report")
     capability_limit: int | None = _f(None, "score only the first N rows of each suite (quick checks)")
     capability_max_drop: float | None = _f(None, "fail the run (exit 1) when a capability drops by more than N points")
+    capability_gate: str = _f("significant", "significant: a category fails when its drop exceeds capability_max_drop AND "
+                              "its paired 95% interval excludes 0 | point: the drop alone decides (see eval/README.md)",
+                              CAPABILITY_GATES)
     interpolate: str = _f("none", "auto: after the report, mix the result back toward the base (alpha grid) and save "
                                   "the largest alpha passing capability_max_drop and capability_max_format_rigidity in "
                                   "output_dir/interpolation",
@@ -262,6 +293,26 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"self_replay_temperature={cfg.self_replay_temperature}: must be > 0")
     if not 0 < cfg.self_replay_top_p <= 1:
         raise ConfigError(f"self_replay_top_p={cfg.self_replay_top_p}: must be in (0, 1]")
+    if cfg.objective == "sdft":
+        for key in ("{prompt}", "{demonstration}"):
+            if key not in cfg.sdft_template:
+                raise ConfigError(f"sdft_template must hold {key} (the teacher sees the prompt and the demonstration); "
+                                  f"got {cfg.sdft_template!r}")
+    if not 0 < cfg.sdft_ema_rate <= 1:
+        raise ConfigError(f"sdft_ema_rate={cfg.sdft_ema_rate}: must be in (0, 1]")
+    if not 0 < cfg.sdft_jsd_beta < 1:
+        raise ConfigError(f"sdft_jsd_beta={cfg.sdft_jsd_beta}: must be in (0, 1)")
+    if not cfg.sdft_temperature > 0:
+        raise ConfigError(f"sdft_temperature={cfg.sdft_temperature}: must be > 0")
+    if not 0 < cfg.sdft_top_p <= 1:
+        raise ConfigError(f"sdft_top_p={cfg.sdft_top_p}: must be in (0, 1]")
+    for name in ("sdft_max_new_tokens", "sdft_num_generations"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name}={getattr(cfg, name)}: must be >= 1")
+    if cfg.sdft_skip_tokens < 0:
+        raise ConfigError(f"sdft_skip_tokens={cfg.sdft_skip_tokens}: must be >= 0")
+    if cfg.max_kl_to_base is not None and not cfg.max_kl_to_base > 0:
+        raise ConfigError(f"max_kl_to_base={cfg.max_kl_to_base}: must be > 0 nats per token (or none)")
     for name in ("capability_max_drop", "capability_max_format_rigidity"):
         value = getattr(cfg, name)
         if value is not None and value < 0:
