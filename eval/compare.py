@@ -5,6 +5,8 @@ rigidity, refusal rate) and draws the scatter of target gain against mean forget
 point per run: the Pareto view of Biderman et al. 2024, "LoRA Learns Less and Forgets Less"
 (up and to the left is better: more learned, less forgotten).  Reports need a
 ``forgetting`` section (scored with ``--baseline``) for the gain and forgetting columns.
+The worst category's and the mean's paired 95% intervals and the gate rule sit beside them;
+``--gate significant|point`` decides every report again under one rule (eval.gate.regate).
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cli_options import add_gate_option
+from .gate import regate
 from .report import CapabilityReport, ReportError, read_report
 
 
@@ -26,10 +30,17 @@ class RunSummary:
     format_rigidity: float | None
     refusal_rate: float | None
     passed: bool | None
+    worst_ci95: list[float] | None = None  # paired 95% interval of the worst category's forgetting
+    mean_ci95: list[float] | None = None
+    gate: str | None = None  # the rule that decided ("significant" | "point"), None when not gated
 
 
-def summarise(report: CapabilityReport) -> RunSummary:
+def summarise(report: CapabilityReport, gate: str | None = None) -> RunSummary:
+    """One row of the table; ``gate``: decide the categories again under that rule (eval.gate.regate),
+    from the statistics the report holds; None keeps the report's own verdict."""
     f = report.forgetting
+    if f is not None and gate is not None and f.max_drop is not None:
+        f = regate(f, gate)
     return RunSummary(
         run=report.run_name,
         target_gain=f.target_gain if f else None,
@@ -39,6 +50,9 @@ def summarise(report: CapabilityReport) -> RunSummary:
         format_rigidity=report.format_rigidity.rate if report.format_rigidity else None,
         refusal_rate=report.safety.refusal_rate if report.safety else None,
         passed=(f.passed if f is not None and f.gated else None),
+        worst_ci95=f.categories[f.worst_category].drop_ci95 if f else None,
+        mean_ci95=f.mean_drop_ci95 if f else None,
+        gate=f.gate if f is not None and f.max_drop is not None else None,
     )
 
 
@@ -48,15 +62,20 @@ def _cell(value: float | None, signed: bool = False) -> str:
     return f"{value:+.1f}" if signed else f"{value:.1f}"
 
 
+def _interval(ci: list[float] | None) -> str:
+    return "n/a" if ci is None else f"[{ci[0]:+.1f}, {ci[1]:+.1f}]"
+
+
 def comparison_table(summaries: list[RunSummary]) -> str:
     """Markdown table, one row per run."""
     lines = ["| run | target gain (after - before) | mean forgetting (before - after) | worst forgetting | "
-             "format rigidity | refusal rate | gate |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+             "worst's 95% CI | mean's 95% CI | gate rule | format rigidity | refusal rate | gate |",
+             "|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     for s in summaries:
         worst = "n/a" if s.worst_forgetting is None else f"{s.worst_forgetting:+.1f} ({s.worst_category})"
         gate = "n/a" if s.passed is None else ("pass" if s.passed else "FAIL")
         lines.append(f"| {s.run} | {_cell(s.target_gain, True)} | {_cell(s.mean_forgetting, True)} | {worst} | "
+                     f"{_interval(s.worst_ci95)} | {_interval(s.mean_ci95)} | {s.gate or 'n/a'} | "
                      f"{_cell(s.format_rigidity)} | {_cell(s.refusal_rate)} | {gate} |")
     return "\n".join(lines) + "\n"
 
@@ -99,9 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("reports", nargs="+", help="REPORT.json files written by python -m eval")
     parser.add_argument("--plot", default="learning_vs_forgetting.png", help="scatter PNG path")
+    add_gate_option(parser, default=None, help_extra="; decides every report's categories again under this rule "
+                                                      "from the intervals it holds (default: as each was gated)")
     args = parser.parse_args(argv)
     try:
-        summaries = [summarise(read_report(p)) for p in args.reports]
+        summaries = [summarise(read_report(p), args.gate) for p in args.reports]
     except ReportError as exc:
         print(f"python -m eval.compare: error: {exc}", file=sys.stderr)
         return 2

@@ -5,6 +5,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .gate import category_rows
+from .paired import min_detectable_drop, score_interval
 from .report import CapabilityReport, report_json
 
 
@@ -16,6 +18,28 @@ def _fmt(value: float | None, signed: bool = False) -> str:
 
 SIGN_NOTE = ("forgetting = accuracy before - after; format-rigidity rise = rigidity after - before; "
              "both in points, positive = worse")
+STATS_NOTE = ("95% CI: paired bootstrap over the category's rows (before and after resampled together); "
+              "McNemar p: exact, from the rows only one model got right; min detectable drop: 80% power, "
+              "two-sided alpha 0.05, at the base's score (eval/README.md)")
+
+
+def _interval(ci: list[float] | None, signed: bool = True) -> str:
+    if ci is None:
+        return "n/a"
+    return f"[{ci[0]:+.1f}, {ci[1]:+.1f}]" if signed else f"[{ci[0]:.1f}, {ci[1]:.1f}]"
+
+
+def _detectable(mdd: float | None, base_score: float) -> str:
+    """The min detectable drop; marked when it is above the base score (no loss can show)."""
+    if mdd is None:
+        return "n/a"
+    return f"{mdd:.1f}" + (" (none detectable)" if mdd > base_score else "")
+
+
+def _p_value(p: float | None) -> str:
+    if p is None:
+        return "n/a"
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
 def markdown_table(report: CapabilityReport) -> str:
@@ -29,30 +53,42 @@ def markdown_table(report: CapabilityReport) -> str:
                f"({report.suite.get('rows')} rows)", ""]
     rigidity = report.format_rigidity
     if f is None:
-        lines += ["| category | n | accuracy |", "|---|---:|---:|"]
+        rows = category_rows(report)
+        lines += ["| category | n | accuracy | 95% CI | min detectable drop |", "|---|---:|---:|---:|---:|"]
         for name, s in sorted(report.categories.items()):
-            lines.append(f"| {name} | {s.n} | {s.accuracy:.1f} |")
+            outcomes = [float(bool(r.correct)) for r in rows.get(name, [])]
+            ci = score_interval(outcomes) if len(outcomes) == s.n and s.n else None  # rows that make the score
+            lines.append(f"| {name} | {s.n} | {s.accuracy:.1f} | {_interval(ci, signed=False)} | "
+                         f"{_detectable(min_detectable_drop(s.n, s.accuracy), s.accuracy)} |")
         if rigidity:
-            lines.append(f"| format rigidity (lower = better) | {rigidity.n} | {rigidity.rate:.1f} |")
+            lines.append(f"| format rigidity (lower = better) | {rigidity.n} | {rigidity.rate:.1f} | | |")
+        lines += ["", f"_95% CI: bootstrap over the category's rows; min detectable drop: the smallest loss a "
+                      f"gate against this model can see on these rows ({STATS_NOTE.split('; ')[-1]})._"]
     else:
         bounds = []
         if f.max_drop is not None:
             bounds.append(f"max forgetting {f.max_drop:g} points per category")
         if f.max_format_rigidity is not None:
             bounds.append(f"max format-rigidity rise {f.max_format_rigidity:g} points")
+        if f.max_drop is not None:
+            bounds.append(f"gate rule **{f.gate}**" + (" (drop over the bound AND its 95% interval above 0)"
+                                                      if f.gate == "significant" else " (the drop alone)"))
         lines += [f"baseline: `{f.baseline_run}`" + ("" if not bounds else ", " + ", ".join(bounds)), "",
-                  "| category | n | before | after | forgetting (+ = worse) | gate |", "|---|---:|---:|---:|---:|---|"]
+                  "| category | n | before | after | forgetting (+ = worse) | gate | 95% CI of forgetting | "
+                  "McNemar p | min detectable drop |", "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
         for name, c in f.categories.items():
             gate = "n/a" if f.max_drop is None else ("**FAIL**" if c.failed else "pass")
             lines.append(f"| {name} | {report.categories[name].n} | {c.before:.1f} | {c.after:.1f} | "
-                         f"{c.drop:+.1f} | {gate} |")
+                         f"{c.drop:+.1f} | {gate} | {_interval(c.drop_ci95)} | {_p_value(c.mcnemar_p)} | "
+                         f"{_detectable(c.min_detectable_drop, c.before)} |")
         if f.format_rigidity_before is not None and f.format_rigidity_after is not None:
             gate = ("n/a" if f.max_format_rigidity is None
                     else ("**FAIL**" if f.format_rigidity_failed else "pass"))
             rise = f.format_rigidity_after - f.format_rigidity_before
             lines.append(f"| format rigidity (rise = after - before) | {rigidity.n if rigidity else ''} | "
-                         f"{f.format_rigidity_before:.1f} | {f.format_rigidity_after:.1f} | {rise:+.1f} | {gate} |")
-        lines += ["", f"_{SIGN_NOTE}._"]
+                         f"{f.format_rigidity_before:.1f} | {f.format_rigidity_after:.1f} | {rise:+.1f} | {gate} "
+                         f"| | | |")
+        lines += ["", f"_{SIGN_NOTE}; {STATS_NOTE}._"]
     lines += ["", "| measure | value |", "|---|---:|",
               f"| overall accuracy (micro) | {report.overall_accuracy:.1f} |",
               f"| accuracy (mean of categories) | {report.macro_accuracy:.1f} |"]
@@ -65,9 +101,13 @@ def markdown_table(report: CapabilityReport) -> str:
     if report.safety:
         lines.append(f"| refusal rate on refusal rows | {report.safety.refusal_rate:.1f} |")
     if f is not None:
-        lines += [f"| mean forgetting (before - after, + = worse) | {f.mean_forgetting:+.1f} |",
+        mean_ci = f" {_interval(f.mean_drop_ci95)}" if f.mean_drop_ci95 is not None else ""
+        lines += [f"| mean forgetting (before - after, + = worse) | {f.mean_forgetting:+.1f}{mean_ci} |",
                   f"| worst forgetting ({f.worst_category}; before - after) | {f.worst_forgetting:+.1f} |",
                   f"| target gain (after - before, + = better) | {_fmt(f.target_gain, signed=True)} |"]
+        if f.mean_min_detectable_drop is not None:
+            lines.append(f"| min detectable mean forgetting ({f.n_pairs} paired rows) | "
+                         f"{f.mean_min_detectable_drop:.1f} |")
         if f.gated:
             failed = (["format rigidity"] if f.format_rigidity_failed else []) + f.failed_categories
             verdict = "PASS" if f.passed else "FAIL: " + ", ".join(failed)
@@ -106,7 +146,11 @@ def chart_figure(report: CapabilityReport):
     labels = names + ([RIGIDITY_LABEL] if rigidity else [])
     after = [report.categories[n].accuracy for n in names] + ([rigidity.rate] if rigidity else [])
     hatches = [""] * len(names) + [RIGIDITY_HATCH] * bool(rigidity)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 1.5), 4.4))
+    width = max(4.0, 0.9 * len(labels) + 1.5)
+    if f is None:
+        fig, ax = plt.subplots(figsize=(width, 4.4))
+    else:  # a second panel below: each category's forgetting with its paired 95% interval
+        fig, (ax, drop_ax) = plt.subplots(2, 1, figsize=(width, 7.6), gridspec_kw={"height_ratios": [3, 2]})
     xs = list(range(len(labels)))
     handles = []
     if f is None:
@@ -152,6 +196,7 @@ def chart_figure(report: CapabilityReport):
     ax.set_xticks(xs)
     ax.set_xticklabels(labels, rotation=30, ha="right")
     ax.set_ylim(0, 110)
+    ax.set_xlim(-0.6, len(xs) - 0.4)
     ax.set_ylabel("points\naccuracy: higher = better" + ("; format rigidity: lower = better" if rigidity else ""),
                   fontsize=8)
     title = f"{report.suite.get('name')}: accuracy per category"
@@ -161,7 +206,42 @@ def chart_figure(report: CapabilityReport):
     ax.set_title(title, fontsize=9)
     # Outside the axes, so that no bar is hidden; savefig(bbox_inches="tight") keeps it in the file.
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
+    if f is not None:
+        _draw_drops(drop_ax, report, names, xs)
+        fig.subplots_adjust(hspace=0.6)  # room for the upper panel's slanted labels
     return fig
+
+
+def _draw_drops(ax, report: CapabilityReport, names: list[str], xs: list[int]) -> None:
+    """Forgetting per category (before - after, points) as a dot with its paired 95% interval as
+    an error bar; red when the category failed the gate; the bound dashed, zero solid."""
+    from matplotlib.lines import Line2D
+
+    f = report.forgetting
+    shown = [(x, n, f.categories[n]) for x, n in zip(xs, names, strict=False) if n in f.categories]
+    for x, _, c in shown:
+        color = FAIL_COLOR if c.failed else PASS_COLOR
+        if c.drop_ci95 is not None:
+            low, high = c.drop_ci95
+            ax.errorbar([x], [c.drop], yerr=[[max(0.0, c.drop - low)], [max(0.0, high - c.drop)]], fmt="o",
+                        color=color, ecolor=color, capsize=4, markersize=5, linewidth=1.2)
+        else:
+            ax.plot([x], [c.drop], marker="o", color=color, markersize=5, linestyle="none")
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    handles = [Line2D([], [], color=PASS_COLOR, marker="o", linewidth=1.2, label="forgetting, 95% interval"),
+               Line2D([], [], color=FAIL_COLOR, marker="o", linewidth=1.2, label="failed the gate")]
+    if f.max_drop is not None:
+        ax.axhline(f.max_drop, color="black", linestyle="dashed", linewidth=1.0)
+        handles.append(Line2D([], [], color="black", linestyle="dashed", linewidth=1.0,
+                              label=f"max drop {f.max_drop:g} ({f.gate} rule)"))
+    ax.set_xticks(xs[:len(names)])
+    ax.set_xticklabels(names, rotation=30, ha="right")
+    ax.set_xlim(-0.6, len(xs) - 0.4)  # the panel above's columns (its last may be format rigidity)
+    ax.set_ylabel("forgetting, points\n(before - after, + = worse)", fontsize=8)
+    ax.set_title("forgetting per category with its paired 95% bootstrap interval"
+                 + ("" if any(c.drop_ci95 is not None for _, _, c in shown) else " (no per-row outcomes: none)"),
+                 fontsize=9)
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
 
 
 def draw_chart(report: CapabilityReport, path: Path) -> None:

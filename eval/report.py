@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 SCHEMA = "forgetless.eval.report/1"
+GATE_RULES = ("significant", "point")  # the gate rules of eval.gate (report.forgetting.gate)
 
 
 class ReportError(ValueError):
@@ -79,6 +80,12 @@ class CategoryChange:
     after: float
     drop: float  # forgetting: before - after, points; positive = worse, negative = improved
     failed: bool
+    # Paired statistics over the category's rows (eval.paired; None when the reports hold no
+    # per-row outcomes that pair up, e.g. reports written before they were added):
+    drop_ci95: list[float] | None = None  # [low, high], points, percentile bootstrap over rows
+    mcnemar_p: float | None = None  # exact two-sided McNemar, 0/1 scores only
+    n_pairs: int | None = None
+    min_detectable_drop: float | None = None  # points, 80% power, two-sided alpha 0.05
 
 
 @dataclass
@@ -105,6 +112,16 @@ class ForgettingReport:
     max_format_rigidity: float | None = None
     format_rigidity_rise: float | None = None
     format_rigidity_failed: bool = False
+    # The rule that decided the categories: "significant" (drop > max_drop AND the paired 95%
+    # interval above 0) or "point" (the drop alone; the rule of reports that do not name one).
+    gate: str = "point"
+    mean_drop_ci95: list[float] | None = None  # interval of mean_forgetting, categories kept apart
+    mean_min_detectable_drop: float | None = None
+    n_pairs: int | None = None  # paired rows over all categories
+    # Both models' outcome on every paired row, so that anyone can recompute the statistics:
+    # {category: {"<suite line>": [before, after]}} (1 = right, 0 = wrong).
+    row_outcomes: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    bootstrap: dict = field(default_factory=dict)  # {"resamples", "seed", "confidence"}
 
     @property
     def passed(self) -> bool:
@@ -147,6 +164,13 @@ class CapabilityReport:
             if self.forgetting.max_format_rigidity is None:
                 for key in _FORMAT_GATE_FIELDS:
                     data["forgetting"].pop(key, None)
+            if not self.forgetting.row_outcomes and self.forgetting.gate == "point":
+                # no paired statistics and the old rule: the report reads in readers without them
+                for key in _PAIRED_FIELDS:
+                    data["forgetting"].pop(key, None)
+                for change in data["forgetting"]["categories"].values():
+                    for key in _PAIRED_CATEGORY_FIELDS:
+                        change.pop(key, None)
             data["forgetting"]["passed"] = self.forgetting.passed
         return data
 
@@ -156,6 +180,8 @@ class CapabilityReport:
 
 
 _FORMAT_GATE_FIELDS = ("max_format_rigidity", "format_rigidity_rise", "format_rigidity_failed")
+_PAIRED_FIELDS = ("gate", "mean_drop_ci95", "mean_min_detectable_drop", "n_pairs", "row_outcomes", "bootstrap")
+_PAIRED_CATEGORY_FIELDS = ("drop_ci95", "mcnemar_p", "n_pairs", "min_detectable_drop")
 
 
 def percent(correct: int, n: int) -> float:
@@ -213,6 +239,8 @@ def _report_from_dict(data: dict, source: str) -> CapabilityReport:
             forgetting = ForgettingReport(**raw)
         except TypeError as exc:
             raise ReportError(f'{source}: "forgetting" has the wrong fields ({exc})') from None
+        if forgetting.gate not in GATE_RULES:
+            raise ReportError(f'{source}: forgetting.gate is {forgetting.gate!r}, expected one of {list(GATE_RULES)}')
     return CapabilityReport(
         run_name=str(data.get("run_name") or Path(source).stem),
         model=_need(data, "model", dict, source),

@@ -70,7 +70,8 @@ def build_report(spec, stages, done: list[dict], base_reports: list, b: list[flo
         "capabilities": {"suite": cfg.capability_suite, "base": base_caps,
                          "by_stage": [record.get("capabilities", {}) for record in done],
                          "mean_drop_by_stage": [record.get("capability_mean_drop") for record in done]},
-        "gate": {"capability_max_drop": cfg.capability_max_drop, "task_max_drop": spec.task_max_drop,
+        "gate": {"capability_max_drop": cfg.capability_max_drop, "capability_gate": cfg.capability_gate,
+                 "task_max_drop": spec.task_max_drop,
                  "capability_max_format_rigidity": cfg.capability_max_format_rigidity,
                  "gated": cfg.capability_max_drop is not None or spec.task_max_drop is not None
                  or cfg.capability_max_format_rigidity is not None,
@@ -122,7 +123,8 @@ def markdown(report: dict) -> str:
     if not g["gated"]:
         lines.append("no gate (capability_max_drop, capability_max_format_rigidity, task_max_drop not set)")
     else:
-        lines.append(f"capability_max_drop {g['capability_max_drop']}, task_max_drop {g['task_max_drop']}"
+        lines.append(f"capability_max_drop {g['capability_max_drop']} (rule {g.get('capability_gate', 'point')}), "
+                     f"task_max_drop {g['task_max_drop']}"
                      + (f", capability_max_format_rigidity {g['capability_max_format_rigidity']}"
                         if g["capability_max_format_rigidity"] is not None else "") + ": "
                      + ("**PASS**" if g["passed"] else "**FAIL**"))
