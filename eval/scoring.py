@@ -48,6 +48,16 @@ def answer_matches(answer_text: str, match: str, answer: str | None = None, answ
     raise ValueError(f"unknown match rule {match!r}")
 
 
+def instructions_followed(response: str, prompt: str, instruction_ids: list[str], kwargs: list[dict],
+                          key: int | str | None = None) -> bool:
+    """An IFEval row's verdict: lm-evaluation-harness's strict test (every instruction followed,
+    on the whole answer).  The checks are lm-eval's own (``eval/ifeval.py`` only imports them
+    offline and pins their randomness); IFEvalUnavailable with the pip command without lm-eval."""
+    from .ifeval import follows_instructions
+
+    return all(follows_instructions(prompt, instruction_ids, kwargs, response, key=0 if key is None else key))
+
+
 def is_refusal(generated: str, refusal_pattern: re.Pattern | str, whole_answer: bool = False) -> bool:
     """True when the answer contains a refusal (re.search; the pattern carries its own flags).
 

@@ -7,7 +7,10 @@ A suite is data (see docs/CONTRACTS.md, "eval suites"):
   ``answer`` by its ``"match"`` rule: ``exact`` (default), ``contains``, ``regex``, or
   ``any_of`` (against the list ``"answers"``);
 - ``{"category", "prompt", "choices", "answer_index"}``: argmax of summed log-likelihood;
-- ``{"category", "prompt", "kind": "refusal"}``: passes when the answer is a refusal.
+- ``{"category", "prompt", "kind": "refusal"}``: passes when the answer is a refusal;
+- ``{"prompt", "instruction_id_list", "kwargs"}`` (IFEval's own row format, optional ``"key"``;
+  ``"category"`` defaults to ``"instructions"``): passes when lm-evaluation-harness's IFEval
+  checkers find every instruction followed (strict), see ``eval/ifeval.py``.
 
 Any row may carry ``"max_new_tokens"`` (a positive int) to bound its generation, and
 ``"chat"`` (bool) to opt in or out of the chat template the suite (``_meta.chat``) or the
@@ -29,13 +32,19 @@ DEFAULT_REFUSAL_PATTERN = (
     r"i'm sorry|i am sorry|sorry, but|cannot help|can't help|cannot assist|can't assist)"
 )
 
-ROW_KINDS = ("exact", "choice", "refusal")
+ROW_KINDS = ("exact", "choice", "refusal", "ifeval")
 # How a generation row's answer is compared (kind "exact" = a generated answer compared with
 # the row's; "exact" is also the default match rule, kept from before matching had a choice).
 MATCH_KINDS = ("exact", "contains", "regex", "any_of")
 _META_KEYS = {"name", "version", "task_format", "refusal_pattern", "description", "chat", "system"}
 _ROW_KEYS = {"category", "prompt", "answer", "answers", "match", "choices", "answer_index", "kind",
-             "max_new_tokens", "chat", "id"}
+             "max_new_tokens", "chat", "id", "key", "instruction_id_list", "kwargs"}
+_IFEVAL_KEYS = ("key", "instruction_id_list", "kwargs")
+# The category of an IFEval row that names none (IFEval's own input_data.jsonl has no category).
+IFEVAL_DEFAULT_CATEGORY = "instructions"
+# IFEval answers are paragraphs, lists or JSON: a row without its own budget gets at least this
+# many new tokens (lm-eval's ifeval task allows 1280; a CPU-scored suite should set its own).
+IFEVAL_MIN_NEW_TOKENS = 256
 
 
 class SuiteError(ValueError):
@@ -66,6 +75,9 @@ class SuiteRow:
     answers: list[str] | None = None  # match "any_of"
     chat: bool | None = None  # None: follow the suite / caller; True / False: this row's own choice
     pattern: re.Pattern | None = field(default=None, repr=False, compare=False)  # match "regex"
+    instruction_ids: list[str] | None = None  # ifeval rows: IFEval's instruction_id_list
+    instruction_kwargs: list[dict] | None = None  # ifeval rows: one kwargs object per instruction
+    key: int | str | None = None  # ifeval rows: IFEval's "key" (kept for the user's reference)
 
 
 @dataclass
@@ -154,12 +166,44 @@ def _parse_match(obj: dict, row: SuiteRow, where: str) -> None:
     row.answer = obj["answer"]
 
 
+def _parse_ifeval(obj: dict, row: SuiteRow, where: str) -> None:
+    """IFEval's fields, checked against lm-eval's own checkers (ids, kwargs, data they need)."""
+    from .ifeval import IFEvalUnavailable, instruction_problem
+
+    misplaced = {"answer", "answers", "match", "choices", "answer_index"} & set(obj)
+    if misplaced:
+        raise SuiteError(f"{where}: an IFEval row (with \"instruction_id_list\") takes no {sorted(misplaced)}")
+    ids = obj.get("instruction_id_list")
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
+        raise SuiteError(f'{where}: "instruction_id_list" must be a non-empty list of instruction ids, got {ids!r}')
+    kwargs = obj.get("kwargs", [{} for _ in ids])
+    if not isinstance(kwargs, list) or len(kwargs) != len(ids) or not all(isinstance(k, dict) for k in kwargs):
+        raise SuiteError(f'{where}: "kwargs" must be a list of {len(ids)} objects (one per instruction id), '
+                         f"got {kwargs!r}")
+    key = obj.get("key")
+    if key is not None and (isinstance(key, bool) or not isinstance(key, (int, str))):
+        raise SuiteError(f'{where}: "key" must be an integer or a string, got {key!r}')
+    try:
+        problem = instruction_problem(row.prompt, ids, kwargs)
+    except IFEvalUnavailable as exc:
+        raise SuiteError(f"{where}: {exc}") from None
+    if problem:
+        raise SuiteError(f"{where}: {problem}")
+    row.instruction_ids, row.instruction_kwargs, row.key = list(ids), [dict(k) for k in kwargs], key
+
+
 def _parse_row(obj: object, where: str, line: int) -> SuiteRow:
     if not isinstance(obj, dict):
         raise SuiteError(f"{where}: a row must be a JSON object, got {type(obj).__name__}")
     unknown = set(obj) - _ROW_KEYS
     if unknown:
         raise SuiteError(f"{where}: unknown keys {sorted(unknown)}; valid: {sorted(_ROW_KEYS)}")
+    is_ifeval = "instruction_id_list" in obj or obj.get("kind") == "ifeval"
+    if is_ifeval and "category" not in obj:
+        obj = dict(obj, category=IFEVAL_DEFAULT_CATEGORY)
+    if not is_ifeval and set(_IFEVAL_KEYS) & set(obj):
+        raise SuiteError(f"{where}: {sorted(set(_IFEVAL_KEYS) & set(obj))} only apply to IFEval rows "
+                         f'(with "instruction_id_list")')
     for key in ("category", "prompt"):
         if key not in obj:
             raise SuiteError(f'{where}: missing "{key}"')
@@ -180,18 +224,23 @@ def _parse_row(obj: object, where: str, line: int) -> SuiteRow:
 
     kind = obj.get("kind")
     if kind is None:
-        kind = "choice" if "choices" in obj else "exact"
+        kind = "ifeval" if is_ifeval else "choice" if "choices" in obj else "exact"
     if kind not in ROW_KINDS:
         raise SuiteError(f'{where}: "kind" must be one of {list(ROW_KINDS)}, got {kind!r}')
+    if is_ifeval and kind != "ifeval":
+        raise SuiteError(f'{where}: a row with "instruction_id_list" is an IFEval row: "kind" must be "ifeval" '
+                         f"or absent, got {kind!r}")
     row = SuiteRow(category=obj["category"], prompt=obj["prompt"], kind=kind, max_new_tokens=max_new, line=line,
                    chat=chat)
-    if kind != "exact":
+    if kind not in ("exact", "ifeval"):
         misplaced = {"match", "answers"} & set(obj)
         if misplaced:
             raise SuiteError(f"{where}: {sorted(misplaced)} only apply to generation rows (with \"answer\"), "
                              f"not to a {kind} row")
 
-    if kind == "exact":
+    if kind == "ifeval":
+        _parse_ifeval(obj, row, where)
+    elif kind == "exact":
         _parse_match(obj, row, where)
     elif kind == "choice":
         choices, index = obj.get("choices"), obj.get("answer_index")
