@@ -5,7 +5,8 @@ The public API (imported lazily, so ``eval.sequences`` and ``eval.compare`` do n
 - ``load_suite(path) -> Suite``; ``shipped_suite("chat_general")`` -> the path of a suite that ships with eval
 - ``score_model(model, tokenizer, suite, task=None, text=None, batch_size=64, ...) -> CapabilityReport``
 - ``score_against_base(base_model, tuned_model, tokenizer, suite, max_drop=None, ...) -> CapabilityReport``
-- ``compare_reports(base, tuned, max_drop=None, max_format_rigidity=None) -> ForgettingReport`` (``.passed``)
+- ``compare_reports(base, tuned, max_drop=None, max_format_rigidity=None, gate="significant") -> ForgettingReport``
+  (``.passed``; paired intervals and McNemar p per category: eval/paired.py)
 - ``write_report(report, out_path)``: REPORT.json + REPORT.md + REPORT.png; ``read_report(path)``
 - ``sequence_metrics(R) -> SequenceMetrics`` (ACC, BWT, forgetting over a task sequence)
 

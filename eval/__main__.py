@@ -1,7 +1,8 @@
 """``python -m eval`` / ``forgetless-eval``: score a model, compare with a baseline, gate.
 
 Exit codes: 0 scored (and the gate passed, when one was asked for); 1 the gate failed (some
-category lost more than --max-drop points, or format rigidity rose more than
+category lost more than --max-drop points, with its paired 95% interval above 0 under the
+default --gate significant; or format rigidity rose more than
 --max-format-rigidity points; named on stdout); 2 bad input (a missing or malformed file, a
 model that does not load, an --out that cannot be written), with a message and no traceback,
 before any scoring where it can be known before.
@@ -12,11 +13,13 @@ import argparse
 import os
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 from .capability import score_model
-from .cli_options import add_scoring_options
+from .cli_options import add_gate_option, add_lm_eval_options, add_scoring_options
 from .gate import compare_reports, gate_message
+from .lm_eval_tasks import check_lm_eval_spec, score_suite_and_tasks, spec_from_options
 from .render import markdown_table, write_report
 from .report import ReportError, read_report
 from .suite import SuiteError, load_suite
@@ -40,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "a .gguf file, or smollm2-135m-instruct (converted once into the cache)")
     p.add_argument("--adapter", help="PEFT-format LoRA adapter directory (adapter_config.json + "
                                      "adapter_model.safetensors) applied to --model")
-    p.add_argument("--suite", required=True, help="capability suite, JSONL (see eval/README.md)")
+    p.add_argument("--suite", help="capability suite, JSONL (see eval/README.md); and/or --lm-eval-tasks")
+    add_lm_eval_options(p)
     p.add_argument("--task", help="target-task suite, same JSONL format; its accuracy is the target score")
     p.add_argument("--text", help="held-out general text (UTF-8) for perplexity")
     base = p.add_mutually_exclusive_group()
@@ -51,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-format-rigidity", type=float, metavar="P",
                    help="gate: exit 1 when the share of non-task answers in the task's format rises more than P "
                         "points over the baseline (needs a task format: --task-format or _meta.task_format)")
+    add_gate_option(p)
     p.add_argument("--apply-chat-template", action=argparse.BooleanOptionalAction, default=None,
                    help="render every prompt with the tokenizer's chat template (a row's \"chat\": false opts "
                         "out); default: as the suite's _meta.chat says")
@@ -62,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    if args.suite is None and args.lm_eval_tasks is None:
+        raise BadInput("give a capability suite (--suite FILE.jsonl), lm-eval tasks (--lm-eval-tasks NAMES), or both")
+    if args.suite is None and args.max_format_rigidity is not None:
+        raise BadInput("--max-format-rigidity needs --suite: it is measured on a suite's free answers, not on lm-eval tasks")
     if args.max_drop is not None and not (args.baseline or args.base_model):
         raise BadInput("--max-drop needs a baseline: pass --baseline REPORT.json or --base-model DIR")
     if args.max_drop is not None and args.max_drop < 0:
@@ -119,7 +128,7 @@ def _check_format_gate(args: argparse.Namespace, suite, task, baseline) -> None:
         raise BadInput("--max-format-rigidity needs a baseline: pass --baseline REPORT.json or --base-model DIR")
     if args.max_format_rigidity < 0:
         raise BadInput(f"--max-format-rigidity must be >= 0 points, got {args.max_format_rigidity}")
-    if not (args.task_format or suite.meta.task_format or (task is not None and task.meta.task_format)):
+    if not (args.task_format or (suite is not None and suite.meta.task_format) or (task is not None and task.meta.task_format)):
         raise BadInput("--max-format-rigidity needs the task's answer format: pass --task-format REGEX, or set "
                        "_meta.task_format in the suite or in the --task suite")
     if baseline is not None and baseline.format_rigidity is None:
@@ -166,7 +175,11 @@ def run(argv: list[str] | None = None) -> int:
     try:
         _check_args(args)
         check_out(args.out)
-        suite = load_suite(args.suite)
+        suite = load_suite(args.suite) if args.suite else None
+        lm_spec = spec_from_options(args.lm_eval_tasks, args.lm_eval_include)
+        if lm_spec is not None:  # names and datasets, before any model loads
+            check_lm_eval_spec(lm_spec)
+        scorer = score_model if lm_spec is None else partial(score_suite_and_tasks, lm_spec=lm_spec)
         task = load_suite(args.task) if args.task else None
         baseline = read_report(args.baseline) if args.baseline else None
         _check_format_gate(args, suite, task, baseline)
@@ -180,14 +193,15 @@ def run(argv: list[str] | None = None) -> int:
                       apply_chat_template=args.apply_chat_template)
         if args.base_model:
             base_model, base_tok = load_model(args.base_model, None, args.device, args.dtype)
-            baseline = score_model(base_model, base_tok, suite, cache=not args.no_cache, run_name="base",
+            baseline = scorer(base_model, base_tok, suite, cache=not args.no_cache, run_name="base",
                                    model_path=args.base_model, **common)
             del base_model
         model, tokenizer = load_model(args.model, args.adapter, args.device, args.dtype)
-        report = score_model(model, tokenizer, suite, cache=not args.no_cache, run_name=run_name,
+        report = scorer(model, tokenizer, suite, cache=not args.no_cache, run_name=run_name,
                              model_path=args.model, adapter_path=args.adapter, **common)
         if baseline is not None:
-            report.forgetting = compare_reports(baseline, report, args.max_drop, args.max_format_rigidity)
+            report.forgetting = compare_reports(baseline, report, args.max_drop, args.max_format_rigidity,
+                                                gate=args.gate)
         try:
             paths = write_report(report, args.out)
         except OSError as exc:  # checked before scoring; this is a race (the place changed meanwhile)

@@ -28,8 +28,8 @@ from .report import (
     TaskScore,
     percent,
 )
-from .scoring import answer_matches, choice_prediction, in_task_format, is_refusal
-from .suite import Suite, SuiteError, SuiteRow, load_suite, read_utf8
+from .scoring import answer_matches, choice_prediction, in_task_format, instructions_followed, is_refusal
+from .suite import IFEVAL_MIN_NEW_TOKENS, Suite, SuiteError, SuiteRow, load_suite, read_utf8
 
 
 def _as_suite(suite: Suite | str | Path) -> Suite:
@@ -50,22 +50,36 @@ def _uses_chat(row: SuiteRow, suite: Suite, apply_chat_template: bool | None) ->
     return suite.meta.chat if apply_chat_template is None else apply_chat_template
 
 
+_GENERATED = ("exact", "refusal", "ifeval")  # row kinds scored on a generated answer
+
+
+def _budget(row: SuiteRow, max_new_tokens: int) -> int:
+    """A row's own budget; else the caller's, at least IFEVAL_MIN_NEW_TOKENS for an IFEval row."""
+    if row.max_new_tokens:
+        return row.max_new_tokens
+    return max(max_new_tokens, IFEVAL_MIN_NEW_TOKENS) if row.kind == "ifeval" else max_new_tokens
+
+
 def _score_rows(model, tokenizer, rows: list[SuiteRow], suite_of_row: list[Suite], chat_of_row: list[bool],
                 batch_size: int, max_new_tokens: int, bar) -> list[RowResult]:
-    """Run every row once: batched generation (plain rows, then chat rows: they stop differently)
-    and one batched log-likelihood pass.  Chat rows are rendered with the chat template and
+    """Run every row once: batched generation (plain rows, plain IFEval rows, then chat rows: they
+    stop differently) and one batched log-likelihood pass.  Chat rows are rendered with the chat template and
     tokenized without the tokenizer's specials (the rendered text holds them)."""
     prompts = [render_chat(tokenizer, r.prompt, suite_of_row[i].meta.system) if chat_of_row[i] else r.prompt
                for i, r in enumerate(rows)]
     tick = (lambda n: bar.update(n)) if bar is not None else None
     outputs: dict[int, str] = {}
-    for chat in (False, True):
-        idx = [i for i, r in enumerate(rows) if r.kind in ("exact", "refusal") and chat_of_row[i] is chat]
+    # Three generation groups, one batched call each: plain rows stop at the first newline; plain
+    # IFEval rows do not (their answers are lists, paragraphs, JSON: lm-eval's ifeval task stops
+    # at EOS only); chat rows, IFEval or not, stop at the end of the assistant turn.
+    for chat, ifeval in ((False, False), (False, True), (True, None)):
+        idx = [i for i, r in enumerate(rows) if r.kind in _GENERATED and chat_of_row[i] is chat
+               and (ifeval is None or (r.kind == "ifeval") is ifeval)]
         if not idx:
             continue
         texts = greedy_generate(model, tokenizer, [prompts[i] for i in idx],
-                                [rows[i].max_new_tokens or max_new_tokens for i in idx], batch_size=batch_size,
-                                on_batch=tick, stop_at_newline=not chat,
+                                [_budget(rows[i], max_new_tokens) for i in idx], batch_size=batch_size,
+                                on_batch=tick, stop_at_newline=not chat and not ifeval,
                                 stop_token_ids=end_of_turn_ids(tokenizer) if chat else (),
                                 add_special_tokens=not chat)
         outputs.update(zip(idx, texts, strict=True))
@@ -78,6 +92,8 @@ def _score_rows(model, tokenizer, rows: list[SuiteRow], suite_of_row: list[Suite
         row = rows[i]
         if row.kind == "exact":
             correct = answer_matches(out, row.match, row.answer, row.answers, row.pattern)
+        elif row.kind == "ifeval":
+            correct = instructions_followed(out, row.prompt, row.instruction_ids, row.instruction_kwargs, row.key)
         else:
             correct = is_refusal(out, suite_of_row[i].refusal_regex(), whole_answer=chat_of_row[i])
         results[i] = RowResult(category=row.category, kind=row.kind, line=row.line, prompt=row.prompt,
@@ -119,7 +135,16 @@ def score_model(
     ``apply_chat_template``: True renders every prompt with the tokenizer's chat template, False
     none, None (default) as each suite's ``_meta.chat`` says; a row's own ``"chat"`` wins either
     way.  ChatTemplateError (a SuiteError) when a row needs a template the tokenizer lacks.
+    ``suite`` may also name lm-evaluation-harness tasks, ``lm-eval:arc_easy,gsm8k`` (eval/lm_eval_tasks.py).
     """
+    if isinstance(suite, str) and suite.startswith("lm-eval:"):
+        from .lm_eval_tasks import score_lm_eval_tasks
+
+        return score_lm_eval_tasks(model, tokenizer, suite, task=task, text=text, batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens, progress=progress, task_format=task_format,
+                                   limit=limit, cache=cache, run_name=run_name, model_path=model_path,
+                                   adapter_path=adapter_path, ppl_window=ppl_window,
+                                   apply_chat_template=apply_chat_template)
     suite = _as_suite(suite)
     task_suite = _as_suite(task) if task is not None else None
     text_content, text_hash = _read_text(text) if text is not None else (None, None)
@@ -239,18 +264,19 @@ def score_against_base(
     tuned_model_path: str | None = None,
     tuned_adapter_path: str | None = None,
     max_format_rigidity: float | None = None,
+    gate: str = "significant",
     **score_kwargs,
 ) -> CapabilityReport:
     """Score both models (the base from the cache when it was scored before) and compare.
 
     Returns the tuned model's report with ``.forgetting`` filled; ``report.forgetting.passed``
-    is the gate (``max_drop`` per category, ``max_format_rigidity`` on the rise of format
-    rigidity).  The paths name what was scored in each report's ``model`` field (the tuned
+    is the gate (``max_drop`` per category under the ``gate`` rule, "significant" or "point",
+    ``max_format_rigidity`` on the rise of format rigidity).  The paths name what was scored in each report's ``model`` field (the tuned
     side: its model directory, or the base directory plus ``tuned_adapter_path``); the tuned
     weights are hashed even though they are not cached.  Extra keyword arguments go to
     ``score_model`` for both models.
     """
-    suite = _as_suite(suite)
+    suite = suite if isinstance(suite, str) and suite.startswith("lm-eval:") else _as_suite(suite)
     task = _as_suite(task) if task is not None else None
     score_kwargs.pop("cache", None)  # the base is always cached, the tuned model never (it is new)
     base_model_path = score_kwargs.pop("model_path", base_model_path)  # the older name of base_model_path
@@ -260,5 +286,5 @@ def score_against_base(
     tuned = score_model(tuned_model, tokenizer, suite, task=task, text=text, run_name=tuned_name,
                         model_path=tuned_model_path, adapter_path=tuned_adapter_path, **score_kwargs)
     tuned.model["hash"] = tuned.model.get("hash") or score_cache.model_hash(tuned_model)
-    tuned.forgetting = compare_reports(base, tuned, max_drop, max_format_rigidity)
+    tuned.forgetting = compare_reports(base, tuned, max_drop, max_format_rigidity, gate=gate)
     return tuned

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .cli_options import add_scoring_options
+from .cli_options import add_gate_option, add_scoring_options
 from .gate import compare_reports
 from .report import CapabilityReport, ReportError
 from .suite import Suite, SuiteError, load_suite
@@ -87,6 +87,7 @@ class InterpolationResult:
     saved_to: str | None = None
     lora_scale_folded_into: str | None = None  # "lora_B" for adapters
     files: dict = field(default_factory=dict)
+    gate: str = "significant"  # the rule asked for (eval.gate); each point's report says the one that decided
 
     @property
     def passed(self) -> bool:
@@ -110,9 +111,10 @@ class InterpolationResult:
 
 
 def gate_point(alpha: float, base: CapabilityReport, report: CapabilityReport, max_drop: float,
-               max_format_rigidity: float | None, refined: bool = False) -> CurvePoint:
-    """Compare ``report`` (the mix at ``alpha``) with the base; fills ``report.forgetting``."""
-    forgetting = compare_reports(base, report, max_drop, max_format_rigidity)
+               max_format_rigidity: float | None, refined: bool = False, gate: str = "significant") -> CurvePoint:
+    """Compare ``report`` (the mix at ``alpha``) with the base under the ``gate`` rule; fills
+    ``report.forgetting``."""
+    forgetting = compare_reports(base, report, max_drop, max_format_rigidity, gate=gate)
     report.forgetting = forgetting
     failed = list(forgetting.failed_categories)
     if forgetting.format_rigidity_failed:
@@ -133,6 +135,7 @@ def scan_alphas(
     max_format_rigidity: float | None = None,
     refine: int = 0,
     on_point: Callable[[CurvePoint], None] | None = None,
+    gate: str = "significant",
 ) -> tuple[list[CurvePoint], dict[float, CapabilityReport]]:
     """Score every alpha of the grid, then ``refine`` bisection steps between the largest
     passing alpha and the smallest failing alpha above it. Returns the points (by alpha) and
@@ -143,7 +146,7 @@ def scan_alphas(
 
     def score(alpha: float, refined: bool) -> CurvePoint:
         reports[alpha] = score_at(alpha)
-        point = gate_point(alpha, base, reports[alpha], max_drop, max_format_rigidity, refined)
+        point = gate_point(alpha, base, reports[alpha], max_drop, max_format_rigidity, refined, gate)
         points[alpha] = point
         if on_point is not None:
             on_point(point)
@@ -414,6 +417,7 @@ def interpolate_to_gate(
     load_model: ModelLoader | None = None,
     cache: bool = True,
     log: Callable[[str], None] = print,
+    gate: str = "significant",
     **score_kwargs,
 ) -> InterpolationResult:
     """Score the alpha grid for ``adapter`` on ``base_model`` (LoRA) or for the full checkpoint
@@ -422,9 +426,16 @@ def interpolate_to_gate(
     ``load_model(path) -> (model, tokenizer)`` loads a local model directory (default: eval's
     loader, float32 on CPU); ``score_kwargs`` go to ``eval.capability.score_model`` (limit,
     batch_size, max_new_tokens, task_format, text, progress...). Raises InterpolationError,
-    SuiteError or ReportError on bad input. One model is loaded at a time.
+    SuiteError or ReportError on bad input. One model is loaded at a time. ``gate``: the rule
+    of the gate ("significant" or "point", eval.gate).
     """
     from .capability import score_model
+    from .gate import check_gate_rule
+
+    try:
+        check_gate_rule(gate)
+    except ReportError as exc:
+        raise InterpolationError(str(exc)) from None
 
     if (adapter is None) == (tuned_model is None):
         raise InterpolationError("give exactly one of an adapter (LoRA) or a tuned model directory (full)")
@@ -441,7 +452,8 @@ def interpolate_to_gate(
     device, dtype = score_kwargs.pop("device", None), score_kwargs.pop("dtype", None)
     if load_model is None:
         load_model = _eval_loader(device, dtype)
-    suite = suite if isinstance(suite, Suite) else load_suite(suite)
+    lm_eval_tasks = isinstance(suite, str) and suite.startswith("lm-eval:")  # scored by score_model as is
+    suite = suite if isinstance(suite, Suite) or lm_eval_tasks else load_suite(suite)
     task = task if task is None or isinstance(task, Suite) else load_suite(task)
     out_dir = Path(out_dir)
     score_kwargs.pop("cache", None)
@@ -482,7 +494,7 @@ def interpolate_to_gate(
         log(f"  alpha {p.alpha:.4g}: {task_text}mean forgetting {p.mean_forgetting:+.1f}, worst "
             f"{p.worst_category} {p.worst_forgetting:+.1f}{fr} -> {verdict}")
 
-    points, reports = scan_alphas(score_at, base, alphas, max_drop, max_format_rigidity, refine, show)
+    points, reports = scan_alphas(score_at, base, alphas, max_drop, max_format_rigidity, refine, show, gate)
     best = chosen_alpha(points)
     result = InterpolationResult(
         kind=mix.kind, points=points, chosen_alpha=best, max_drop=max_drop,
@@ -490,7 +502,7 @@ def interpolate_to_gate(
         base={"model": str(base_model), "task_score": base.task.accuracy if base.task else None,
               "format_rigidity": base.format_rigidity.rate if base.format_rigidity else None},
         tuned={"model": str(tuned_model) if tuned_model else None, "adapter": str(adapter) if adapter else None},
-        lora_scale_folded_into="lora_B" if mix.kind == "lora" else None)
+        lora_scale_folded_into="lora_B" if mix.kind == "lora" else None, gate=gate)
     if best is not None:
         from .render import write_report
 
@@ -535,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-drop", type=float, required=True, help="gate: no category may drop more than this many points")
     p.add_argument("--max-format-rigidity", type=float,
                    help="gate: format rigidity may rise at most this many points over the base")
+    add_gate_option(p)
     p.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="grid of mixing weights in [0, 1] (default %(default)s)")
     p.add_argument("--refine", type=int, default=0,
                    help="bisection steps between the largest passing and the smallest failing alpha (default 0)")
@@ -563,7 +576,7 @@ def run(argv: list[str] | None = None) -> int:
             task=args.task, max_format_rigidity=args.max_format_rigidity, alphas=parse_alphas(args.alphas),
             refine=args.refine, cache=not args.no_cache, device=args.device, dtype=args.dtype, text=args.text,
             task_format=args.task_format, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-            limit=args.limit, progress=not args.quiet)
+            limit=args.limit, progress=not args.quiet, gate=args.gate)
     except (InterpolationError, SuiteError, ReportError) as exc:
         print(f"forgetless-interpolate: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

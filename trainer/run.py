@@ -239,6 +239,9 @@ def check_capability_gates(cfg: TrainConfig) -> None:
                           "checked for the task's format)")
     from eval.suite import SuiteError, load_suite
 
+    if cfg.capability_suite.startswith("lm-eval:"):
+        raise ConfigError("capability_max_format_rigidity is measured on a suite's free answers, not on lm-eval tasks "
+                          f"(capability_suite={cfg.capability_suite}); give a suite JSONL, or drop the bound")
     try:
         suites = [load_suite(p) for p in (cfg.capability_suite, cfg.capability_task) if p]
     except SuiteError as exc:
@@ -297,7 +300,8 @@ def forgetting_report(cfg: TrainConfig, result) -> int:
     print(f"scoring base and tuned model on {cfg.capability_suite} ...", flush=True)
     report = ev.score_against_base(base, tuned, tokenizer, cfg.capability_suite, max_drop=cfg.capability_max_drop,
                                    max_format_rigidity=cfg.capability_max_format_rigidity,
-                                   task=cfg.capability_task, progress=cfg.progress, limit=cfg.capability_limit,
+                                   gate=cfg.capability_gate, task=cfg.capability_task, progress=cfg.progress,
+                                   limit=cfg.capability_limit,
                                    base_model_path=cfg.model, tuned_model_path=tuned_path,
                                    tuned_adapter_path=adapter_path)
     files = ev.write_report(report, Path(cfg.output_dir) / "forgetting_report.json")
@@ -327,7 +331,7 @@ def interpolation_report(cfg: TrainConfig, result) -> int:
             adapter=saved if is_adapter else None, tuned_model=None if is_adapter else saved,
             task=cfg.capability_task, load_model=lambda path: load_model(replace(cfg, model=path), device),
             max_format_rigidity=cfg.capability_max_format_rigidity, refine=cfg.interpolate_refine,
-            progress=cfg.progress, limit=cfg.capability_limit)
+            progress=cfg.progress, limit=cfg.capability_limit, gate=cfg.capability_gate)
     except InterpolationError as e:
         raise ConfigError(f"interpolate=auto: {e}") from None
     print(f"interpolation: {outcome.files['json']}, {outcome.files['chart']}", flush=True)

@@ -367,7 +367,7 @@ def score_stage(cfg: TrainConfig, stages: list[Stage], k: int, saved_to: str, ba
         report = ev.score_model(model, tokenizer, cfg.capability_suite, task=own_suite, run_name=stages[k].name,
                                 model_path=cfg.model, adapter_path=saved_to, **kwargs)
         report.forgetting = ev.compare_reports(base_reports[k], report, cfg.capability_max_drop,
-                                               cfg.capability_max_format_rigidity)
+                                               cfg.capability_max_format_rigidity, gate=cfg.capability_gate)
         report_path = ev.write_report(report, stages[k].dir / "forgetting_report.json")["json"]
         capabilities = {c: s.accuracy for c, s in report.categories.items()}
         own_score = report.task.accuracy
