@@ -29,6 +29,7 @@ chunks run as cuBLAS GEMMs, which is what the chunking needs to be bounded in me
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -46,6 +47,8 @@ __all__ = ["CHUNK_BYTES", "linear_cross_entropy", "linear_kl_divergence", "linea
 CHUNK_BYTES = 128 << 20
 
 _REDUCTIONS = ("sum", "mean")
+# Per-token weights of the cross-entropy: none, or each token's own detached probability (DFT).
+WEIGHTINGS = ("none", "probability")
 
 
 # =========================================================================== the chunk loop
@@ -184,7 +187,7 @@ def _grads_out(ctx, grads, scale: torch.Tensor | None, n_inputs: int) -> tuple:
 # =========================================================================== cross-entropy
 
 
-def _ce_torch(h, w, b, labels, valid, chunk_bytes, need_dh, need_dw, need_db):
+def _ce_torch(h, w, b, labels, valid, chunk_bytes, need_dh, need_dw, need_db, weighting="none"):
     acc = _acc_dtype(h.dtype)
     # Per logit: the acc-dtype logits (overwritten by their gradient), plus under bf16 the
     # bf16 GEMM output and the bf16 copy of the gradient that feeds the two GEMMs.
@@ -200,12 +203,18 @@ def _ce_torch(h, w, b, labels, valid, chunk_bytes, need_dh, need_dw, need_db):
         # and the exponentials are the softmax's numerators anyway.
         top = z.amax(dim=1, keepdim=True)
         total = z.sub_(top).exp_().sum(dim=1, keepdim=True)
-        part = torch.where(ok, (top + total.log()).squeeze(1) - target, 0.0).sum()
+        nll = torch.where(ok, (top + total.log()).squeeze(1) - target, 0.0)
+        # DFT: each token's loss times its own probability exp(-nll), a constant for autograd,
+        # so the gradient in the logits is that weight times (softmax - onehot).
+        token_weight = torch.where(ok, (-nll).exp(), 0.0) if weighting == "probability" else None
+        part = nll.sum() if token_weight is None else (token_weight * nll).sum()
         if not need_grad:
             return part, None
         g = z.div_(total)  # softmax, in place of the logits
         g.scatter_add_(1, lab, torch.full_like(lab, -1, dtype=g.dtype))
-        if not all_valid:
+        if token_weight is not None:
+            g.mul_(token_weight.unsqueeze(1))  # zero on ignored rows too
+        elif not all_valid:
             g.mul_(ok.unsqueeze(1))
         return part, g
 
@@ -217,7 +226,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     keeps the per-token log-sum-exp; backward recomputes tiles of the logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, chunk_bytes, want_grads):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, chunk_bytes, want_grads,
+                weighting="none"):
         which = backend.select(hidden, weight)
         dtype = backend.compute_dtype(hidden)
         need_dh, need_dw, need_db = (want_grads and ctx.needs_input_grad[i] for i in range(3))
@@ -230,7 +240,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             denominator = count.to(_acc_dtype(dtype)) if reduction == "mean" else None
             if which == "torch":
                 loss, dh, dw, db = _ce_torch(h, weight.to(dtype), _cast(bias, dtype), labels, valid, chunk_bytes,
-                                             need_dh, need_dw, need_db)
+                                             need_dh, need_dw, need_db, weighting)
                 ctx.save_for_backward(dh, dw, db, denominator)
             else:
                 from kernels import linear_cross_entropy_triton as lce
@@ -238,9 +248,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 labels32 = torch.where(valid, labels, -1).to(torch.int32)
                 w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
                 lse, target = lce.lce_forward(h, w, b, labels32)
-                loss = torch.where(valid, lse - target, 0.0).sum()
+                nll = torch.where(valid, lse - target, 0.0)
+                # The kernels' per-token gradient scale carries the 0/1 of ignored tokens, and
+                # under DFT each token's own detached probability exp(-nll) as well.
+                token_weight = torch.where(valid, (-nll).exp(), 0.0) if weighting == "probability" else valid.float()
+                loss = (token_weight * nll).sum()
                 del w, b
-                ctx.save_for_backward(h, weight, bias, labels32, lse, valid, denominator)
+                ctx.save_for_backward(h, weight, bias, labels32, lse, token_weight, denominator)
         ctx.needs = (need_dh, need_dw, need_db)
         if denominator is not None:
             loss = loss / denominator
@@ -251,16 +265,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         if ctx.which == "torch":
             dh, dw, db, denominator = ctx.saved_tensors
-            return _grads_out(ctx, (dh, dw, db), _loss_scale(grad_out, denominator), 8)
+            return _grads_out(ctx, (dh, dw, db), _loss_scale(grad_out, denominator), 9)
         from kernels import linear_cross_entropy_triton as lce
 
-        h, weight, bias, labels32, lse, valid, denominator = ctx.saved_tensors
+        h, weight, bias, labels32, lse, token_weight, denominator = ctx.saved_tensors
         with backend.autocast_off(h):
             # grad_output and the mean's 1/count ride in the per-token weights of the kernels.
-            row_scale = valid.float() * _loss_scale(grad_out, denominator).float()
+            row_scale = token_weight.float() * _loss_scale(grad_out, denominator).float()
             grads = lce.lce_backward(h, weight.to(h.dtype), _cast(bias, h.dtype), labels32, lse, row_scale,
                                      *ctx.needs)
-        return _grads_out(ctx, grads, None, 8)
+        return _grads_out(ctx, grads, None, 9)
 
 
 def _check_head(name: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -280,7 +294,7 @@ def _check_common(name: str, reduction: str, chunk_bytes: int) -> None:
 
 def linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None,
-    ignore_index: int = -100, reduction: str = "sum", chunk_bytes: int | None = None,
+    ignore_index: int = -100, reduction: str = "sum", chunk_bytes: int | None = None, weighting: str = "none",
 ) -> torch.Tensor:
     """``cross_entropy(hidden @ weight.T + bias, labels)`` without the full logits.
 
@@ -290,9 +304,16 @@ def linear_cross_entropy(
     summed loss (exact; a trainer divides by its own token count); ``"mean"`` divides by the
     number of non-ignored tokens (NaN when there are none, as ``F.cross_entropy``).  Returns an
     fp32 scalar (float64 for float64 inputs).  ``chunk_bytes``: the torch path's per-chunk
-    memory budget (default :data:`CHUNK_BYTES`)."""
+    memory budget (default :data:`CHUNK_BYTES`).
+
+    ``weighting="probability"`` (DFT, arXiv 2508.05629): each token's loss ``nll`` is multiplied
+    by the token's own probability ``exp(-nll)``, held constant for the gradient, which is
+    then ``exp(-nll) (softmax - onehot)`` in the logits; the weight comes out of the same
+    chunk pass (torch) or the same log-sum-exp (Triton), so it costs no extra GEMM."""
     _check_head("linear_cross_entropy", hidden, weight, bias)
     _check_common("linear_cross_entropy", reduction, chunk_bytes or CHUNK_BYTES)
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"linear_cross_entropy: weighting={weighting!r} is not one of {', '.join(WEIGHTINGS)}")
     hidden2 = hidden.reshape(-1, hidden.shape[-1])
     if labels.numel() != hidden2.shape[0] or labels.is_floating_point() or labels.is_complex():
         raise ValueError(f"linear_cross_entropy: labels ({labels.dtype}, {tuple(labels.shape)}) must be integer "
@@ -306,23 +327,27 @@ def linear_cross_entropy(
                          f"[0, {vocab}) and is not ignore_index={ignore_index}")
     kept = _kept_rows("linear_cross_entropy", labels != ignore_index, labels.shape[0], hidden.device)
     return LinearCrossEntropyFunction.apply(_rows(hidden2, kept), weight, bias, _rows(labels, kept), int(ignore_index),
-                                            reduction, int(chunk_bytes or CHUNK_BYTES), torch.is_grad_enabled())
+                                            reduction, int(chunk_bytes or CHUNK_BYTES), torch.is_grad_enabled(),
+                                            weighting)
 
 
 # =========================================================================== KL between two heads
 
 
-def _kl_torch(h, w, b, h_t, w_t, b_t, kind, chunk_bytes, need_dh, need_dw, need_db):
+def _kl_torch(h, w, b, h_t, w_t, b_t, kind, chunk_bytes, need_dh, need_dw, need_db, beta=0.5):
     acc = _acc_dtype(h.dtype)
-    # Per logit: student and teacher logits in acc dtype, one acc temporary, and the two
-    # heads' bf16 GEMM outputs under bf16.
-    per_logit = 3 * acc.itemsize + (2 * h.dtype.itemsize if h.dtype != acc else 0)
+    # Per logit: student and teacher logits in acc dtype, one acc temporary (two for the JSD's
+    # log-mixture), and the two heads' bf16 GEMM outputs under bf16.
+    per_logit = (4 if kind == "jsd" else 3) * acc.itemsize + (2 * h.dtype.itemsize if h.dtype != acc else 0)
     rows = _rows_per_chunk(w.shape[0], per_logit, chunk_bytes)
 
     def chunk_loss(start, stop, z, need_grad, scratch):
         log_ps = z.sub_(torch.logsumexp(z, dim=1, keepdim=True))
         log_pt = _logits(h_t[start:stop], w_t, b_t, acc, scratch, "teacher")
         log_pt -= torch.logsumexp(log_pt, dim=1, keepdim=True)
+        if kind == "jsd":
+            return _jsd_chunk(log_ps, log_pt, beta, need_grad, scratch.take("difference", stop - start, acc),
+                              scratch.take("mixture", stop - start, acc))
         if kind == "forward":  # sum p_t (log p_t - log p_s); d/dz_s = p_s - p_t
             diff = torch.sub(log_pt, log_ps, out=scratch.take("difference", stop - start, acc))
             p_t = log_pt.exp_()
@@ -338,21 +363,41 @@ def _kl_torch(h, w, b, h_t, w_t, b_t, kind, chunk_bytes, need_dh, need_dw, need_
     return _head_pass(h, w, b, rows, need_dh, need_dw, need_db, chunk_loss)
 
 
+def _jsd_chunk(log_ps, log_pt, beta, need_grad, diff, mix):
+    """Generalised Jensen-Shannon divergence of one chunk, with ``M = β p_t + (1-β) p_s``:
+    ``β KL(p_t || M) + (1-β) KL(p_s || M)``, and its gradient in the student's logits.
+
+    Derivation: the loss is ``β Σ p_t log p_t + (1-β) Σ p_s log p_s - Σ M log M``, so
+    ``∂L/∂p_s(v) = (1-β)(log p_s(v) - log M(v)) =: a(v)`` (the ``+1`` terms cancel), and
+    through the softmax ``∂L/∂z_s(u) = p_s(u) (a(u) - Σ_v p_s(v) a(v))``, where
+    ``Σ_v p_s a = (1-β) KL(p_s || M)``.  ``log M`` is a log-add-exp of the two log-softmaxes
+    (no underflow to ``log 0`` where both probabilities are tiny).  Overwrites every buffer."""
+    log_m = torch.add(log_pt, math.log(beta), out=mix)
+    torch.logaddexp(log_m, torch.add(log_ps, math.log1p(-beta), out=diff), out=log_m)
+    teacher_terms = torch.sub(log_pt, log_m, out=diff)  # log p_t - log M
+    teacher_part = teacher_terms.mul_(log_pt.exp_()).sum()  # KL(p_t || M), p_t written over log p_t
+    r = torch.sub(log_ps, log_m, out=diff)  # log p_s - log M
+    p_s = log_ps.exp_()
+    rows_kl = torch.mul(p_s, r, out=log_m).sum(1, keepdim=True)  # KL(p_s || M) per row
+    part = beta * teacher_part + (1.0 - beta) * rows_kl.sum()
+    return part, (r.sub_(rows_kl).mul_(p_s).mul_(1.0 - beta) if need_grad else None)
+
+
 class LinearKLFunction(torch.autograd.Function):
     """Gradients in forward (torch path), for the student's h, W and b only."""
 
     @staticmethod
-    def forward(ctx, h, w, b, h_t, w_t, b_t, kind, reduction, chunk_bytes, want_grads):
+    def forward(ctx, h, w, b, h_t, w_t, b_t, kind, reduction, chunk_bytes, want_grads, beta=0.5):
         dtype, need = _begin_torch_forward(ctx, h, w, b, want_grads)
         with torch.no_grad(), backend.autocast_off(h):
             loss, *grads = _kl_torch(h.to(dtype), w.to(dtype), _cast(b, dtype), h_t.to(dtype),
-                                     w_t.to(dtype), _cast(b_t, dtype), kind, chunk_bytes, *need)
+                                     w_t.to(dtype), _cast(b_t, dtype), kind, chunk_bytes, *need, beta=beta)
         return _end_torch_forward(ctx, h, loss, grads, reduction)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        return _torch_backward(ctx, grad_out, 10)
+        return _torch_backward(ctx, grad_out, 11)
 
 
 def _kept_rows(name: str, mask: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor | None:
@@ -376,12 +421,16 @@ def linear_kl_divergence(
     h_student: torch.Tensor, W_student: torch.Tensor, h_teacher: torch.Tensor, W_teacher: torch.Tensor,
     mask: torch.Tensor | None = None, kind: str = "forward", bias_student: torch.Tensor | None = None,
     bias_teacher: torch.Tensor | None = None, reduction: str = "sum", chunk_bytes: int | None = None,
+    beta: float = 0.5,
 ) -> torch.Tensor:
     """Token-level KL between the next-token distributions of two linear heads, summed over
     the tokens where ``mask`` is True (all when None; ``"mean"`` divides by their count).
 
     ``kind="forward"``: ``KL(teacher || student) = Σ_v p_t (log p_t - log p_s)``;
-    ``kind="reverse"``: ``KL(student || teacher) = Σ_v p_s (log p_s - log p_t)``.
+    ``kind="reverse"``: ``KL(student || teacher) = Σ_v p_s (log p_s - log p_t)``;
+    ``kind="jsd"``: the generalised Jensen-Shannon divergence with ``M = β p_t + (1-β) p_s``,
+    ``β KL(p_t || M) + (1-β) KL(p_s || M)`` (``beta`` in (0, 1); 0.5 is the symmetric JSD,
+    bounded by log 2 per token).
     Gradients flow to ``h_student``, ``W_student`` and ``bias_student`` only; the teacher's
     tensors are treated as constants.  Both heads share the vocabulary (their widths may
     differ).  At most one chunk of ``[tokens, vocab]`` per head exists at a time."""
@@ -389,8 +438,10 @@ def linear_kl_divergence(
     _check_head(name, h_student, W_student, bias_student)
     _check_head(name, h_teacher, W_teacher, bias_teacher)
     _check_common(name, reduction, chunk_bytes or CHUNK_BYTES)
-    if kind not in ("forward", "reverse"):
-        raise ValueError(f"{name}: kind={kind!r} is not 'forward' or 'reverse'")
+    if kind not in ("forward", "reverse", "jsd"):
+        raise ValueError(f"{name}: kind={kind!r} is not 'forward', 'reverse' or 'jsd'")
+    if kind == "jsd" and not 0.0 < float(beta) < 1.0:
+        raise ValueError(f"{name}: beta={beta} must be in (0, 1) for kind='jsd'")
     if W_student.shape[0] != W_teacher.shape[0]:
         raise ValueError(f"{name}: the heads' vocabularies differ ({W_student.shape[0]} vs {W_teacher.shape[0]})")
     hs = h_student.reshape(-1, h_student.shape[-1])
@@ -401,7 +452,7 @@ def linear_kl_divergence(
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
     return LinearKLFunction.apply(_rows(hs, kept), W_student, bias_student, _rows(ht.detach(), kept),
                                   W_teacher.detach(), detach(bias_teacher), kind, reduction,
-                                  int(chunk_bytes or CHUNK_BYTES), torch.is_grad_enabled())
+                                  int(chunk_bytes or CHUNK_BYTES), torch.is_grad_enabled(), float(beta))
 
 
 # =========================================================================== stored top-k teacher

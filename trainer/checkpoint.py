@@ -40,6 +40,8 @@ class TrainerState:
     best_eval_loss: float | None = None
     best_step: int | None = None
     evals_without_improvement: int = 0
+    best_task_score: float | None = None  # early_stopping_metric=task (trainer.forgetting_proxy)
+    kl_safe_step: int | None = None  # max_kl_to_base: the last eval step whose KL to the base was under it
     tokens_seen: int = 0
     # Rows trained so far, over the whole run (a resumed run's summary counts from step 1).
     task_rows: int = 0

@@ -10,6 +10,9 @@ Row formats (one JSON object per line, one format per row):
   turns only. The plain template writes each turn as ``"{role}: {content}"`` followed by EOS
   after an assistant turn and a newline after any other; the loss covers the assistant content
   and its EOS, so at inference a prompt ending in ``"assistant: "`` is answered up to EOS.
+* ``{"prompt": ..., "privileged_context": ...}`` (TRL's SDFT rows; ``prompt`` a string or a list
+  of messages): read as a chat whose last assistant turn is the privileged context, the
+  demonstration ``objective=sdft`` shows its teacher (``trainer.sdft``).
 
 Every line is checked before ``datasets`` loads the file, so a bad row is an error naming
 ``file:line`` and what is wrong. Rows longer than ``max_length`` tokens are cut at the right
@@ -81,6 +84,18 @@ def _row_format(row: object, where: str) -> str:
         if not any(m["role"] == "assistant" and m["content"] for m in msgs):
             raise DataError(f"{where}: 'messages' has no non-empty assistant turn to learn from")
         return "messages"
+    if "privileged_context" in row:  # TRL's SDFT rows (objective=sdft): the demonstration is the context
+        if not isinstance(row["privileged_context"], (str, list)) or not row["privileged_context"]:
+            raise DataError(f"{where}: 'privileged_context' must be a non-empty string (the demonstration)")
+        prompt = row.get("prompt")
+        if isinstance(prompt, list) and prompt and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in prompt):
+            return "prompt_privileged"
+        if not isinstance(prompt, str) or not prompt:
+            raise DataError(f"{where}: rows with 'privileged_context' need a 'prompt': a non-empty string or a "
+                            "list of {role, content} messages")
+        return "prompt_privileged"
     if "prompt" in row or "completion" in row:
         for key in ("prompt", "completion"):
             if key not in row:
@@ -205,8 +220,22 @@ def _encode_messages(tokenizer, messages: list[dict]) -> Example:
     return Example(ids, labels)
 
 
+def privileged_messages(row: dict) -> list[dict]:
+    """A TRL SDFT row ``{"prompt", "privileged_context"}`` as a chat whose last assistant turn is
+    the privileged context (its demonstration): what SFT learns from it, and where SDFT finds it."""
+    prompt = row["prompt"]
+    turns = ([{"role": "user", "content": prompt}] if isinstance(prompt, str)
+             else [{"role": m["role"], "content": m["content"]} for m in prompt])
+    context = row["privileged_context"]
+    if not isinstance(context, str):  # a list of messages: their contents, one per line
+        context = "\n".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in context)
+    return [*turns, {"role": "assistant", "content": context}]
+
+
 def encode_row(tokenizer, row: dict) -> Example:
     """Token ids and labels (-100 where no loss) for one checked row."""
+    if row.get("privileged_context") is not None:
+        return _encode_messages(tokenizer, privileged_messages(row))
     if "messages" in row and row["messages"] is not None:
         return _encode_messages(tokenizer, row["messages"])
     if row.get("prompt") is not None:
@@ -220,7 +249,8 @@ def encode_row(tokenizer, row: dict) -> Example:
 def _encode_rows(tokenizer, rows: list[dict]) -> list[Example]:
     """encode_row for every row; prompt/completion and text rows go through the tokenizer in
     one batched call (~10x faster than row by row on the 40k-row demo corpus), same ids."""
-    plain = [i for i, r in enumerate(rows) if not r.get("messages") and r.get("prompt")]
+    plain = [i for i, r in enumerate(rows)
+             if not r.get("messages") and r.get("prompt") and r.get("privileged_context") is None]
     texts = [i for i, r in enumerate(rows) if not r.get("messages") and r.get("prompt") is None]
     out: list[Example | None] = [None] * len(rows)
     if plain:
@@ -241,7 +271,8 @@ def tokenize_file(path: str | Path, tokenizer, max_length: int, rows: list[dict]
     rows = read_jsonl(path) if rows is None else rows
     out = TokenizedSet(path=str(path), examples=[])
     for row, ex in zip(rows, _encode_rows(tokenizer, rows), strict=True):
-        fmt = "messages" if row.get("messages") else ("prompt_completion" if row.get("prompt") is not None else "text")
+        fmt = ("messages" if row.get("messages") else "prompt_privileged" if row.get("privileged_context") is not None
+               else "prompt_completion" if row.get("prompt") is not None else "text")
         out.fmt_counts[fmt] = out.fmt_counts.get(fmt, 0) + 1
         if len(ex.input_ids) > max_length:
             out.truncated += 1

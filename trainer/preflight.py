@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from trainer.config import SELF_REPLAY, ConfigError, TrainConfig
-from trainer.data import DataError, check_jsonl
+from trainer.data import DataError, check_jsonl, file_row_format
 
 DATA_KEYS = ("data", "eval_data", "replay_data", "fisher_data")
 SUITE_KEYS = ("capability_suite", "capability_task")
@@ -69,6 +69,14 @@ def check_suites(cfg: TrainConfig) -> None:
     for key in SUITE_KEYS:
         path = getattr(cfg, key)
         if not path:
+            continue
+        if key == "capability_suite" and path.startswith("lm-eval:"):  # lm-evaluation-harness tasks by name
+            from eval.lm_eval_tasks import check_lm_eval_spec, parse_lm_eval_spec
+
+            try:
+                check_lm_eval_spec(parse_lm_eval_spec(path))  # names known, datasets readable
+            except SuiteError as e:
+                raise ConfigError(f"{key}={path}: {e}") from None
             continue
         check_file_key(key, path)
         try:
@@ -132,9 +140,61 @@ def check_resume_and_fisher_files(cfg: TrainConfig) -> None:
     if cfg.resume_from_checkpoint:
         resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)  # FileNotFoundError with a message
     # ewc / lora_ewc with no fisher_data and no replay_data estimate the Fisher on the base
-    # model's own answers (self-replay, trainer.loop.self_replay) instead of failing.
+    # model's own answers (self-replay, trainer.setup_phases.self_replay) instead of failing.
     if cfg.interpolate == "auto" and (not cfg.capability_suite or cfg.capability_max_drop is None):
         raise ConfigError("interpolate=auto needs capability_suite and capability_max_drop (the gate it mixes to)")
+
+
+def tokenizer_has_chat_template(path: str) -> bool:
+    """A local tokenizer directory ships a chat template (what transformers reads into
+    ``tokenizer.chat_template``): tokenizer_config.json's ``chat_template``, or a template file."""
+    p = Path(path)
+    if (p / "chat_template.jinja").is_file() or (p / "chat_template.json").is_file():
+        return True
+    config = p / "tokenizer_config.json"
+    if not config.is_file():
+        return False
+    import json
+
+    try:
+        return bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+    except (ValueError, OSError):
+        return False
+
+
+def check_objective(cfg: TrainConfig, model_is_local: bool) -> None:
+    """``objective=sdft`` needs a demonstration in every task row, and chat rows need a chat
+    template to render the student's prompt and the teacher's context."""
+    if cfg.objective != "sdft":
+        return
+    fmt = file_row_format(cfg.data)
+    if fmt == "text":
+        raise ConfigError(f'objective=sdft: data={cfg.data} holds {{"text"}} rows, which have no demonstration for '
+                          'the teacher to see; write {"messages": [..., {"role": "assistant", ...}]}, '
+                          '{"prompt", "completion"} or {"prompt", "privileged_context"} rows, or use objective=sft')
+    tokenizer_dir = cfg.tokenizer or cfg.model
+    if fmt in ("messages", "prompt_privileged") and model_is_local and Path(tokenizer_dir).is_dir() \
+            and not tokenizer_has_chat_template(tokenizer_dir):
+        raise ConfigError(f"objective=sdft: data={cfg.data} holds chat rows, but the tokenizer at {tokenizer_dir} has "
+                          "no chat template to render the student's prompt and the teacher's context; give "
+                          "tokenizer=DIR with one (tokenizer_config.json \"chat_template\" or chat_template.jinja), "
+                          "or write {\"prompt\", \"completion\"} rows")
+    if cfg.fsdp:
+        raise ConfigError("objective=sdft samples with the whole model, which fsdp=true shards; use fsdp=false "
+                          "(DDP under torchrun)")
+    if not cfg.fused_head:
+        raise ConfigError("objective=sdft computes its divergence on the hidden states (no [tokens, vocab] logits); "
+                          "set fused_head=true")
+    if cfg.kl_to_base > 0 and cfg.kl_cache and cfg.kl_on != "replay":
+        raise ConfigError("kl_cache=true stores the base's top-k at the data's own tokens, but objective=sdft trains "
+                          "on tokens sampled each step; set kl_cache=false (a frozen copy) or kl_on=replay")
+
+
+def check_stop_config(cfg: TrainConfig) -> None:
+    """early_stopping_metric / max_kl_to_base needs (trainer.forgetting_proxy), before any model loads."""
+    from trainer.forgetting_proxy import check_stop_config as check
+
+    check(cfg)
 
 
 def check_inputs(cfg: TrainConfig, model_is_local: bool = True) -> None:
@@ -143,6 +203,8 @@ def check_inputs(cfg: TrainConfig, model_is_local: bool = True) -> None:
     check_output_dir(cfg.output_dir)
     check_device(cfg.device)
     check_data_files(cfg)
+    check_objective(cfg, model_is_local)
+    check_stop_config(cfg)
     check_suites(cfg)
     check_resume_and_fisher_files(cfg)
     if model_is_local:
