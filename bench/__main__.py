@@ -51,13 +51,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, action="append", default=None,
                         help="e2e --shape smollm2-135m only: a sequence length to run (repeatable; default 512 "
                              "and 256). The issue targets are at 512, so --seq 512 halves the run")
-    parser.add_argument("--case", action="append", default=None, choices=("lora-bf16", "lora-fp32", "full-bf16", "full-fp32"),
-                        help="e2e --shape smollm2-135m only: a method-precision case to run (repeatable; default "
-                             "all four). Issue 13 has no full-fp32 target, the slowest case")
-    return parser.parse_args(argv)
+    parser.add_argument("--case", action="append", default=None,
+                        choices=("lora-bf16", "lora-fp32", "full-bf16", "full-fp32", "packing"),
+                        help="e2e --shape smollm2-135m only: a case to run (repeatable; default all four "
+                             "method-precision cases and packing)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="e2e: rounds of separate processes per side, order alternating (default 2)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="e2e: timed steps per process after 2 warm-up steps (default 8)")
+    parser.add_argument("--only", action="append", default=None,
+                        help="e2e: run only these sides (comma-separated or repeated), e.g. "
+                             "--only ours,hf_peft,trl_sft,trl_sft_fast")
+    parser.add_argument("--no-tensor-memory", action="store_true",
+                        help="e2e on CPU: skip the extra tracked process per side (peak RSS is still measured)")
+    args = parser.parse_args(argv)
+    for name, value in (("--rounds", args.rounds), ("--steps", args.steps)):
+        if value is not None and value < 1:
+            parser.error(f"{name} must be at least 1 (got {value})")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["generate"]:  # the sampler benchmark has its own options: bench/bench_generate.py
+        from bench.bench_generate import main as generate_main
+        return generate_main(argv[1:])
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench: --device cuda but torch sees no CUDA device; use --device cpu", file=sys.stderr)
@@ -65,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     ctx = harness.BenchContext(device=torch.device(args.device), quick=args.quick,
                                warmup=1 if args.quick else 2, repeats=args.repeats or (3 if args.quick else 7),
                                shape=args.shape, seqs=tuple(args.seq) if args.seq else None,
-                               cases=tuple(args.case) if args.case else None)
+                               cases=tuple(args.case) if args.case else None, rounds=args.rounds,
+                               timed_steps=args.steps, tensor_memory=not args.no_tensor_memory,
+                               only=tuple(n.strip() for v in args.only for n in v.split(",") if n.strip())
+                               if args.only else None)
     print(f"bench: {ctx.device_name}, torch {torch.__version__}, version {ctx.version}, "
           f"{'quick' if args.quick else 'full'} run, started {ctx.timestamp}", flush=True)
     targets: list[harness.Target] = []

@@ -3,17 +3,18 @@ Fisher pass against the per-sample loop, on the same model, data and batch.
 
 Kernel ``e2e_lora`` (issue 4's target: >= 1.0x the tokens/s of HF Trainer + PEFT):
 
-* ``ours``        ``trainer.loop.train`` with ``method=lora`` (what ``python -m trainer.run`` runs);
+* ``ours``        ``python -m trainer.run`` with ``method=lora`` (its ``main``, in a process of its own);
 * ``hf_trainer``  ``transformers.Trainer`` over ``peft.get_peft_model(..., "all-linear")``.
 
 Both train the same saved Llama (4 layers, 512 wide) on the same JSONL, whose rows are all
 longer than ``max_length`` so every batch is exactly ``batch x max_length`` tokens with no
 padding: tokens/s is then the same quantity for both.  Same r, alpha, dropout, AdamW, linear
-schedule, clipping at 1.0, no evaluation, no checkpoints.  A step's time is the gap between
-two consecutive ``on_step_end`` callbacks (both trainers have one), the first steps of each
-run are warm-up; runs of the two alternate (A B A B) and every post-warm-up step is a sample.
-Peak memory: a separate 2-step run of each under the tensor-memory tracker (model loading
-included in both).
+schedule, clipping at 1.0, no evaluation, no checkpoints.  Each side runs in its own fresh
+process per round, as a user runs it (``bench/e2e_process.py``: rounds in alternating order,
+2 warm-up + 8 timed steps, the median of steps 3+ per process, peak RSS and peak tensor
+memory per side).  Note that ``trainer.run`` puts models under ~20M parameters on one CPU
+thread (``use_one_thread_for_small_models``): at this shape ours runs on one thread, HF on
+torch's default, as their users get them.
 
 Kernel ``e2e_fisher``: the Fisher pass the trainer runs before ``method=ewc`` (its own
 tokenizer, collation and ``estimate_fisher`` over ``per_device_eval_batch_size`` batches of
@@ -24,15 +25,17 @@ from __future__ import annotations
 import json
 import random
 import tempfile
-import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from bench.bench_fisher import summed_nll
 from bench.bench_lora import StepShape, build_llama
-from bench.e2e_smollm2 import TARGETS as TARGETS_ISSUE13
-from bench.harness import BenchContext, Provider, Quantiles, Target, TensorMemoryTracker, measure
+from bench.e2e_process import RunPlan, measure_sides
+from bench.e2e_runners import SideSpec, tensor_peak_mib
+from bench.e2e_smollm2 import TARGETS as TARGETS_SMOLLM2
+from bench.harness import BenchContext, Provider, Target, measure
 
 KERNEL_LORA = "e2e_lora"
 KERNEL_FISHER = "e2e_fisher"
@@ -47,7 +50,7 @@ TARGETS_ISSUE4 = [
     Target("issue 4: trainer LoRA run tokens/s >= 1.0x HF Trainer + PEFT, dropout 0.05", KERNEL_LORA,
            "throughput", "hf_trainer", config_contains="dropout=0.05", min_ratio=1.0),
 ]
-TARGETS = TARGETS_ISSUE4 + TARGETS_ISSUE13
+TARGETS = TARGETS_ISSUE4 + TARGETS_SMOLLM2
 
 
 def e2e_shape(ctx: BenchContext) -> StepShape:
@@ -74,119 +77,31 @@ def write_workspace(root: Path, s: StepShape, rows: int, device: torch.device) -
     return model_dir, data, s
 
 
-# ----------------------------------------------------------------------------- the two trainers
-def run_ours(model_dir: Path, data: Path, out: Path, s: StepShape, steps: int, dropout: float,
-             device: torch.device, on_step=None) -> None:
-    from trainer.config import build_config
-    from trainer.loop import train
-
-    cfg = build_config(dict(
-        model=str(model_dir), method="lora", data=str(data), validation_split=0.0, output_dir=str(out),
-        per_device_train_batch_size=s.batch, max_length=s.seq, max_steps=steps, learning_rate=1e-4,
-        lr_scheduler_type="linear", lora_r=s.r, lora_alpha=2 * s.r, lora_dropout=dropout, max_grad_norm=1.0,
-        save_steps=0, logging_steps=1000, progress=False, device=device.type, bf16="false",
-    ))
-    train(cfg, on_step_end=(lambda step, record: on_step()) if on_step else None)
-
-
-def run_hf(model_dir: Path, data: Path, out: Path, s: StepShape, steps: int, dropout: float,
-           device: torch.device, on_step=None) -> None:
-    hf_trainer_run(model_dir, data, out, batch=s.batch, seq=s.seq, steps=steps, device=device, lora_r=s.r,
-                   dropout=dropout, bf16=False, on_step=on_step)
-
-
-def hf_trainer_run(model_dir: Path, data: Path, out: Path, *, batch: int, seq: int, steps: int, device: torch.device,
-                   lora_r: int | None, dropout: float, bf16: bool, on_step=None, liger: bool = False) -> None:
-    """``transformers.Trainer`` on ``text`` rows cut to ``seq`` tokens: over PEFT LoRA
-    (``all-linear``, alpha = 2r) when ``lora_r`` is set, else full fine-tuning; ``bf16`` is HF's
-    mixed precision (fp32 master weights, bf16 autocast; on CPU too); ``liger`` applies
-    Liger-Kernel (fused linear cross-entropy among others) through ``use_liger_kernel``."""
-    from datasets import load_dataset
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-        default_data_collator,
-    )
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    if lora_r is not None:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=dropout,
-                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
-
-    def tokenize(row):
-        ids = tokenizer(row["text"], truncation=True, max_length=seq)["input_ids"]
-        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
-
-    dataset = load_dataset("json", data_files=str(data), split="train").map(tokenize, remove_columns=["text"])
-
-    class StepClock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if on_step:
-                on_step()
-
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch, max_steps=steps,
-                             learning_rate=1e-4, lr_scheduler_type="linear", max_grad_norm=1.0, weight_decay=0.0,
-                             save_strategy="no", eval_strategy="no", report_to="none", logging_steps=1000,
-                             disable_tqdm=True, dataloader_num_workers=0, use_cpu=device.type == "cpu",
-                             seed=0, bf16=bf16, use_liger_kernel=liger)
-    Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
-            callbacks=[StepClock()]).train()
-
-
-RUNNERS = {"ours": run_ours, "hf_trainer": run_hf}
-
-
+# ----------------------------------------------------------------------------- the LoRA run
 def bench_lora_run(ctx: BenchContext, root: Path) -> None:
+    """Ours against HF Trainer + PEFT, one process per side and round (bench/e2e_process.py)."""
     s = e2e_shape(ctx)
-    # Each step of the full model takes seconds; --repeats N bounds the timed steps per run
-    # (up to 8: with 4 the dropout-0 ratio read 0.95x and 1.31x in two runs of the same code),
-    # and a short run (N <= 3) does one round and one dropout setting (the trainer's default 0).
-    short = ctx.quick or ctx.repeats <= 3
-    warm, timed = (1, 2) if ctx.quick else (1 if short else 2, max(2, min(8, ctx.repeats)))
-    rounds = 1 if short else 2
-    model_dir, data, s = write_workspace(root, s, rows=s.batch * (warm + timed) * 2, device=ctx.device)
+    plan = RunPlan(rounds=ctx.rounds or (1 if ctx.quick else 2), timed_steps=ctx.timed_steps or (1 if ctx.quick else 8),
+                   warmup_steps=2, tensor_memory=ctx.tensor_memory and not ctx.quick)
+    # One batch of rows, trained on at every step by both sides: step 1's losses must agree.
+    model_dir, data, s = write_workspace(root, s, rows=s.batch, device=ctx.device)
     tokens = s.batch * s.seq
-    # Quick mode (a harness check) runs one dropout setting only: each run reloads the model.
-    for dropout in (0.05,) if ctx.quick else (0.0,) if short else (0.0, 0.05):
+    for dropout in (0.05,) if ctx.quick else (0.0, 0.05):
         config = (f"dropout={dropout} llama L={s.layers} d={s.hidden} ff={s.intermediate} V={s.vocab} "
                   f"batch={s.batch}x{s.seq} r={s.r} AdamW")
         print(f"  {KERNEL_LORA} ({config})", flush=True)
-        step_ms: dict[str, list[float]] = {name: [] for name in RUNNERS}
-        for round_index in range(rounds):
-            order = list(RUNNERS) if round_index % 2 == 0 else list(reversed(RUNNERS))
-            for name in order:
-                stamps: list[float] = []
-                RUNNERS[name](model_dir, data, root / f"out-{name}", s, warm + timed, dropout, ctx.device,
-                              on_step=lambda stamps=stamps: (ctx.sync(), stamps.append(time.perf_counter())))
-                gaps = [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:], strict=False)]
-                step_ms[name] += gaps[warm - 1:] if warm >= 1 else gaps
-        for name, samples in step_ms.items():
-            q = Quantiles.of(samples)
-            ctx.add(KERNEL_LORA, name, "full", "throughput", "tokens", tokens,
-                    Quantiles(tokens / q.p50 * 1e3, tokens / q.p80 * 1e3, tokens / q.p20 * 1e3), config)
-            ctx.add(KERNEL_LORA, name, "full", "time", "tokens", tokens, q, config)
-        for name, runner in RUNNERS.items():
-            ctx.add(KERNEL_LORA, name, "full", "memory", "tokens", tokens,
-                    Quantiles.single(_run_peak_mib(ctx, lambda runner=runner, name=name, p=dropout: runner(
-                        model_dir, data, root / f"mem-{name}", s, 2, p, ctx.device))), config)
+        ours = SideSpec(kind="ours", model_dir=str(model_dir), data=str(data), output_dir=str(root / f"out-{dropout}"),
+                        method="lora", precision="fp32", batch=s.batch, seq=s.seq, steps=plan.steps,
+                        device=ctx.device.type, lora_r=s.r, lora_dropout=dropout)
+        sides = {"ours": ours, "hf_trainer": replace(ours, kind="hf", output_dir=str(root / f"out-hf-{dropout}"))}
+        measure_sides(ctx, KERNEL_LORA, config, tokens,
+                      {n: spec for n, spec in sides.items() if ctx.only is None or n in ctx.only}, plan)
 
 
 def _run_peak_mib(ctx: BenchContext, fn) -> float:
-    if ctx.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(ctx.device)
-        base = torch.cuda.memory_allocated(ctx.device)
-        fn()
-        return (torch.cuda.max_memory_allocated(ctx.device) - base) / 2**20
-    tracker = TensorMemoryTracker()
-    with tracker:
-        fn()
-    return tracker.peak / 2**20
+    """Peak tensor memory of ``fn()`` in this process (bench/probes; e2e sides measure theirs
+    in their own process)."""
+    return tensor_peak_mib(ctx.device.type, fn)
 
 
 # ----------------------------------------------------------------------------- Fisher pass

@@ -5,6 +5,9 @@ warm-up rounds, so that a burst of load from other processes on a shared machine
 of them alike rather than whichever happened to run during it.  Each provider may have an
 untimed ``setup`` (e.g. the forward pass before a timed backward) whose result is passed
 to the timed ``run``.  We report the median and the 20th / 80th percentiles of the rounds.
+This in-process interleaving is for micro-benchmarks; whole trainers run one fresh process per
+side and round (``bench/e2e_process.py``), whose ``round<i>`` rows this module keeps out of the
+ratio table, the targets and the plots (:func:`is_round_row`).
 
 Peak memory.  On CUDA: ``torch.cuda.max_memory_allocated()`` minus what was allocated when
 the measured call began.  On CPU torch keeps no allocator statistics, so
@@ -47,7 +50,8 @@ CSV_COLUMNS = (
 )
 # Units of each metric, as written in the CSV (documented in bench/README.md).
 METRIC_UNITS = {"time": "ms", "memory": "MiB", "throughput": "tokens/s", "rel_error": "|F-F*|/|F*|",
-                "gflops": "GFLOP/s", "peak_share": "share of the GEMM peak"}
+                "gflops": "GFLOP/s", "peak_share": "share of the GEMM peak", "rss": "MiB peak RSS",
+                "first_loss": "nats"}
 # For these metrics a larger value is better; for the others a smaller one.
 HIGHER_IS_BETTER = {"throughput", "gflops", "peak_share"}
 OURS = "ours"
@@ -112,6 +116,11 @@ class BenchContext:
     shape: str | None = None  # e2e only: which model shape (None = the suite's default)
     seqs: tuple[int, ...] | None = None  # e2e smollm2-135m only: sequence lengths (None = 512 and 256)
     cases: tuple[str, ...] | None = None  # e2e smollm2-135m only: METHOD-PRECISION cases (None = all four)
+    # e2e only (one process per side and round, bench/e2e_process.py): None = the suite's default.
+    rounds: int | None = None
+    timed_steps: int | None = None
+    only: tuple[str, ...] | None = None  # side names to run (None = every side)
+    tensor_memory: bool = True  # CPU: one extra tracked process per side for the tensor-memory figure
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     timestamp: str = field(default_factory=lambda: _dt.datetime.now().isoformat(timespec="seconds"))
@@ -298,12 +307,19 @@ def _group_key(row: Row) -> tuple:
     return (row.kernel, row.mode, row.metric, row.x_name, row.x_value, row.config)
 
 
+def is_round_row(row: Row) -> bool:
+    """One process's number of a separate-process e2e run (``mode = round<i>``): in the CSV,
+    left out of the ratio table and the targets, which use the over-rounds ``full`` rows."""
+    return row.mode.startswith("round")
+
+
 def ratio_lines(rows: Sequence[Row], verdicts: bool = True) -> list[str]:
     """One line per (comparison, peer): ours p50, peer p50, ours/peer, and (``verdicts``)
     which way is better."""
     groups: dict[tuple, dict[str, Row]] = {}
     for row in rows:
-        groups.setdefault(_group_key(row), {})[row.provider] = row
+        if not is_round_row(row):
+            groups.setdefault(_group_key(row), {})[row.provider] = row
     header = f"{'kernel':<14} {'mode':<9} {'metric':<10} {'x':<22} {'config':<34} {'peer':<22} " \
              f"{'ours':>10} {'peer p50':>10} {'ours/peer':>9}" + ("  verdict" if verdicts else "")
     lines = [header, "-" * len(header)]
@@ -361,9 +377,12 @@ class Target:
     config_contains: str | None = None
     max_ratio: float | None = None
     min_ratio: float | None = None
+    # When set, ``peer`` is only the label: each comparison takes the best of these providers
+    # (highest for throughput-like metrics, lowest otherwise), e.g. the fastest / leanest peer.
+    best_of: tuple[str, ...] = ()
 
     def matches(self, row: Row) -> bool:
-        return (row.kernel == self.kernel and row.metric == self.metric
+        return (not is_round_row(row) and row.kernel == self.kernel and row.metric == self.metric
                 and (self.x_value is None or row.x_value == self.x_value)
                 and (self.config_contains is None or self.config_contains in row.config))
 
@@ -376,11 +395,13 @@ def target_lines(rows: Sequence[Row], targets: Sequence[Target], verdicts: bool 
     met / MISSED."""
     lines = [f"{'target':<84} {'ours/peer':>9} {'goal':>8}" + ("  result" if verdicts else "")]
     for t in targets:
-        pairs = {}
+        peers = t.best_of or (t.peer,)
+        pairs: dict[tuple, dict[str, Row]] = {}
         for row in rows:
-            if t.matches(row) and row.provider in (OURS, t.peer):
+            if t.matches(row) and row.provider in (OURS, *peers):
                 pairs.setdefault(_group_key(row), {})[row.provider] = row
-        found = [(g[OURS], g[t.peer]) for g in pairs.values() if OURS in g and t.peer in g]
+        found = [(g[OURS], _best_peer(g, peers, t.metric)) for g in pairs.values()
+                 if OURS in g and any(p in g for p in peers)]
         if not found:
             lines.append(f"{t.label:<84} {'-':>9} {t.goal():>8}  not measured in this run")
             continue
@@ -388,8 +409,14 @@ def target_lines(rows: Sequence[Row], targets: Sequence[Target], verdicts: bool 
             ratio = ours.p50 / peer.p50 if peer.p50 else float("inf")
             met = (t.max_ratio is None or ratio <= t.max_ratio) and (t.min_ratio is None or ratio >= t.min_ratio)
             lines.append(f"{t.label:<84} {ratio:>9.3f} {t.goal():>8}" + (f"  {'met' if met else 'MISSED'}"
-                                                                         if verdicts else ""))
+                                                                         if verdicts else "")
+                         + (f"  (peer: {peer.provider})" if t.best_of else ""))
     return lines
+
+
+def _best_peer(group: dict[str, Row], peers: Sequence[str], metric: str) -> Row:
+    present = [group[p] for p in peers if p in group]
+    return (max if metric in HIGHER_IS_BETTER else min)(present, key=lambda r: r.p50)
 
 
 def print_targets(rows: Sequence[Row], targets: Sequence[Target], verdicts: bool = True) -> str:
@@ -411,7 +438,7 @@ def plot_kernels(rows: Sequence[Row], out_dir: Path, prefix: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for kernel in dict.fromkeys(r.kernel for r in rows):
-        krows = [r for r in rows if r.kernel == kernel]
+        krows = [r for r in rows if r.kernel == kernel and not is_round_row(r)]  # the CSV has those
         panels = list(dict.fromkeys((r.mode, r.metric) for r in krows))
         fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
         for ax, (mode, metric) in zip(axes[0], panels, strict=True):

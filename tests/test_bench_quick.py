@@ -106,38 +106,13 @@ def test_smollm2_shape_counts_and_flops_by_hand():
     # Tied head: the embedding matrix is the head's weight, so the 2-D parameters are exactly N.
     assert SMOLLM2_135M.matmul_params == sum(p.numel() for p in model.parameters() if p.ndim == 2)
     assert sum(p.numel() for p in model.parameters()) == 134_515_008  # SmolLM2-135M's own count
-    s = QUICK_SHAPE  # L=2, d=48, ff=96, 3 heads of 16, 1 KV head, V=512
-    per_block = 48 * 48 + 2 * 48 * 16 + 48 * 48 + 3 * 48 * 96
-    n = 2 * per_block + 48 * 512
+    s = QUICK_SHAPE  # L=2, d=64, ff=128, 4 heads of 16, 2 KV heads, V=512
+    per_block = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128
+    n = 2 * per_block + 64 * 512
     assert s.matmul_params == n
-    assert s.flops_per_token("full", 32) == 6 * n + 12 * 2 * 48 * 32
-    in_out = (48 + 48) + 2 * (48 + 16) + (48 + 48) + 3 * (48 + 96)
-    assert s.flops_per_token("lora", 32, r=16) == 4 * n + 6 * 16 * 2 * in_out + 12 * 2 * 48 * 32
+    assert s.flops_per_token("full", 32) == 6 * n + 12 * 2 * 64 * 32
+    in_out = (64 + 64) + 2 * (64 + 32) + (64 + 64) + 3 * (64 + 128)
+    assert s.flops_per_token("lora", 32, r=16) == 4 * n + 6 * 16 * 2 * in_out + 12 * 2 * 64 * 32
 
 
-def test_e2e_smollm2_quick_rows_and_targets(tmp_path, capsys, one_thread):
-    assert main(["e2e", "--shape", "smollm2-135m", "--quick", "--device", "cpu", "--results-dir", str(tmp_path),
-                 "--no-plots"]) == 0
-    out = capsys.readouterr().out
-    (path,) = tmp_path.glob("cpu-*.csv")
-    _, rows = _read(path)
-    got = {(r["kernel"], r["provider"], r["metric"], r["config"].split(" batch")[0]) for r in rows}
-    assert {("gemm_peak", "torch.matmul", "gflops", f"dtype={d}") for d in ("fp32", "bf16")} <= {
-        (r["kernel"], r["provider"], r["metric"], r["config"]) for r in rows}
-    # The peers run in both precisions whatever state our trainer is in.
-    for kernel, peer, method in (("sm2_lora", "hf_peft", "lora"), ("sm2_full", "hf_trainer", "full")):
-        for prec in ("bf16", "fp32"):
-            for metric in ("throughput", "time", "memory", "peak_share"):
-                assert (kernel, peer, metric, f"method={method} prec={prec}") in got
-    # Ours: measured, or noted as not ready (never a crash).
-    for kernel, method in (("sm2_lora", "lora"), ("sm2_full", "full")):
-        for prec in ("bf16", "fp32"):
-            measured = (kernel, "ours", "throughput", f"method={method} prec={prec}") in got
-            assert measured or f"{kernel} method={method} prec={prec} batch=2x32: ours not ready" in out
-    assert ("sm2_full", "ours", "throughput", "method=full prec=fp32") in got  # runs on every checkout
-    assert ("sm2_ewc", "ours", "time", "method=ewc prec=fp32") in got
-    assert ("sm2_ewc", "full", "time", "method=ewc prec=fp32") in got
-    assert any(k == "sm2_packing" and p == "padded" and m == "throughput" for k, p, m, _ in got)
-    for r in rows:
-        assert float(r["p20"]) <= float(r["p50"]) <= float(r["p80"])
-    assert "issue 13: packing real tokens/s >= 1.5x padded" in out and "issue 13: ewc step time" in out
+# The e2e bench's quick run (separate processes): tests/test_bench_e2e_process.py.
