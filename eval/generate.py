@@ -36,6 +36,7 @@ import torch
 
 from kernels import backend
 
+from .fast_decode import LeanDecoder
 from .kv_cache import preallocated_cache
 
 
@@ -402,6 +403,8 @@ def _decode_batch(model, rows: list[list[int]], budgets: list[int], stop_mask: t
         raise RuntimeError("the model returned NaN logits on a left-padded batch; load it in float32/bfloat16 "
                            "or with attn_implementation='sdpa', or use batch_size=1")
     cache = _returned_cache(out)
+    # The one-token steps of a plain Llama / Qwen2 run as straight tensor ops (eval.fast_decode).
+    lean = None if compile_steps else LeanDecoder.for_model(model, cache)
     running = budget > 0
     rows_in_batch = None  # None while every row of `generated` is still in the batch; else batch row -> row
     generated = torch.full((n, steps), pad_id, dtype=torch.long, device=device)
@@ -432,6 +435,9 @@ def _decode_batch(model, rows: list[list[int]], budgets: list[int], stop_mask: t
         column = width + step
         attention[:, column] = 1
         last_pos += 1
+        if lean is not None:
+            logits = lean.step(token, last_pos, attention[:, :column + 1])
+            continue
         out = _run_step(model, compile_steps, cache, input_ids=token[:, None],
                         attention_mask=attention[:, :column + 1], position_ids=last_pos, use_cache=True,
                         **{cache_name: cache}, **keep_last)
