@@ -26,7 +26,7 @@ def _verdict(forgetting, rule: str) -> str:
     if decided.passed and not forgetting.format_rigidity_failed:
         return "pass"
     names = ", ".join(decided.failed_categories)
-    return f"FAIL ({names}{rigid})" if names else f"FAIL (rigidity)"
+    return f"FAIL ({names}{rigid})" if names else "FAIL (rigidity)"
 
 
 def _cell(c) -> str:
