@@ -64,6 +64,15 @@ def load_cached(key: str) -> CapabilityReport | None:
         return None  # a damaged cache entry is recomputed, not an error
 
 
+def load_cached_as(key: str, run_name: str, model: dict) -> CapabilityReport | None:
+    """A cached report under this run's name and model description (its own comparison dropped), or None."""
+    hit = load_cached(key)
+    if hit is not None:
+        hit.run_name, hit.forgetting, hit.model = run_name, None, model
+        hit.timing = dict(hit.timing, cached=True)
+    return hit
+
+
 def store_cached(key: str, report: CapabilityReport) -> None:
     directory = cache_dir()
     try:

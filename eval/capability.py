@@ -185,11 +185,8 @@ def score_model(
         if any(chat_of_row):  # the template shapes every chat prompt; the tokenizer hash does not cover it
             keyed["chat_template"] = hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest()
         key = score_cache.score_key(weights, score_cache.tokenizer_hash(tokenizer), data, keyed)
-        hit = score_cache.load_cached(key)
+        hit = score_cache.load_cached_as(key, run_name, {"path": model_path, "adapter": adapter_path, "hash": weights})
         if hit is not None:
-            hit.run_name, hit.forgetting = run_name, None
-            hit.model = {"path": model_path, "adapter": adapter_path, "hash": weights}
-            hit.timing = dict(hit.timing, cached=True)
             return hit
 
     started = time.perf_counter()

@@ -323,11 +323,8 @@ def score_lm_eval_tasks(
         if text is not None:
             extra.append(_file_digest(Path(text)))
         key = score_cache.score_key(weights, score_cache.tokenizer_hash(tokenizer), data_hashes + extra, keyed)
-        hit = score_cache.load_cached(key)
+        hit = score_cache.load_cached_as(key, run_name, {"path": model_path, "adapter": adapter_path, "hash": weights})
         if hit is not None:
-            hit.run_name, hit.forgetting = run_name, None
-            hit.model = {"path": model_path, "adapter": adapter_path, "hash": weights}
-            hit.timing = dict(hit.timing, cached=True)
             return hit
 
     started = time.perf_counter()

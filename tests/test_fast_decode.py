@@ -2,6 +2,7 @@
 no cache) and HF ``generate`` (greedy, token for token), and its fallbacks to the HF forward."""
 import pytest
 import torch
+from test_eval_generate import _one_thread  # noqa: F401 (autouse fixture)
 from test_sampler import float64_sdpa, hf_generate_one, likely_stop_token, prompt_ids
 from tiny_models import EOS_ID, PAD_ID, tiny_gpt2, tiny_llama, tiny_qwen2, tiny_tokenizer
 
@@ -17,12 +18,6 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 ROWS = [[5, 9, 33, 2, 71, 8, 8, 100], [40, 41], [7, 250, 3, 19, 12], [99]]  # left-padded to 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def model_in(build, dtype, **overrides):

@@ -4,6 +4,7 @@ from collections import Counter
 
 import pytest
 import torch
+from test_eval_generate import _one_thread, float64_sdpa  # noqa: F401 (autouse fixture)
 from tiny_models import EOS_ID, PAD_ID, tiny_gpt2, tiny_llama, tiny_qwen2, tiny_tokenizer
 
 import eval.generate as generate_module
@@ -16,22 +17,6 @@ IDS = ["llama", "qwen2", "gpt2"]
 # |log p(bf16 copy) - log p(fp32)| over every position and vocabulary entry of the tiny models below;
 # bf16 keeps 8 mantissa bits (relative rounding 2^-9 = 0.2%), measured worst here is ~0.02 nats.
 BF16_LOGPROB_TOLERANCE = 0.06
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def float64_sdpa(model):
-    """float64 for exact comparisons; SDPA because eager attention in float64 turns fully masked
-    (left-padding) rows into NaN."""
-    model = model.double()
-    model.set_attn_implementation("sdpa")
-    return model
 
 
 def prompt_ids(tok) -> list[list[int]]:
