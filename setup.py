@@ -53,6 +53,8 @@ setup(
             "langdetect",
             "immutabledict",
             "nltk>=3.9.1",
+            # the bench's separate-process test checks TRL's first-step loss against ours
+            "trl>=1.16",
         ],
         "bench": [
             "peft>=0.13",
