@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_chat_eval import CHAT_VOCAB, IM_END, chatml_tokenizer
+from test_kl_anchor import _move  # the student leaves the base, as training does
 from tiny_models import EOS_ID, tiny_llama, tiny_qwen2, tiny_tokenizer
 from torch import nn
 
@@ -130,17 +131,6 @@ def _models(arch: str, lora: bool):
     if lora:
         apply_lora(model, r=4, alpha=8)
     return model, base
-
-
-def _move(model: nn.Module, lora: bool, seed: int = 3) -> None:
-    """What training does: the student leaves the base."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if lora and "lora_B" in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-            elif not lora and p.ndim == 2:
-                p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
 
 
 def _objective(cfg: TrainConfig, model, tok, lora: bool):
