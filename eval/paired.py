@@ -17,6 +17,7 @@ the rows' own difficulty and give intervals several times too wide).
 - :func:`mean_drop_interval`: the same for the mean of the per-category drops, with the
   category structure kept (each category's rows are resampled within the category, and the
   resample's mean is the plain mean of the resampled category drops).
+- :func:`ratio_interval`: the same bootstrap for one model's score as a share of another's.
 - :func:`mcnemar_exact_p`: the exact two-sided McNemar test for 0/1 scores: of the discordant
   rows (b = right before and wrong after, c = wrong before and right after), b ~ Binomial(b + c,
   1/2) under "no change"; ``p = min(1, 2 * P(X <= min(b, c)))``.  None for other scores.
@@ -122,6 +123,29 @@ def mean_drop_interval(pairs: Mapping[str, tuple[Sequence[float], Sequence[float
         b, a = _as_pairs(*pairs[name])
         total += _resampled_means(100.0 * (b - a), resamples, rng)
     return _percentiles(total / len(pairs), confidence)
+
+
+def ratio_interval(reference: Sequence[float], candidate: Sequence[float], resamples: int = DEFAULT_RESAMPLES,
+                   seed: int = DEFAULT_SEED, confidence: float = CONFIDENCE) -> list[float]:
+    """Percentile-bootstrap interval of ``sum(candidate) / sum(reference)``: one model's task score
+    as a share of another's, both scored on the same rows (issue 24's "95% of plain LoRA's task
+    score" asked with the same care as the gate).
+
+    Rows are resampled with their two outcomes together.  As in :func:`_resampled_means`, a
+    resample only depends on how often each distinct (reference, candidate) pair was drawn, so it
+    is one multinomial draw over those pairs.  Resamples whose reference sum is 0 have no ratio
+    and are left out of the percentiles.
+    """
+    ref, cand = _as_pairs(reference, candidate)
+    _check_resampling(resamples, confidence)
+    if not ref.sum() > 0:
+        raise ValueError("the reference scores 0 on these rows: a share of it is undefined")
+    pairs, counts = np.unique(np.stack([ref, cand], axis=1), axis=0, return_counts=True)
+    rng = np.random.Generator(np.random.PCG64(seed))
+    drawn = rng.multinomial(ref.size, counts / ref.size, size=resamples)  # (resamples, distinct pairs)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = (drawn @ pairs[:, 1]) / (drawn @ pairs[:, 0])
+    return _percentiles(ratios[np.isfinite(ratios)], confidence)
 
 
 def _check_resampling(resamples: int, confidence: float) -> None:

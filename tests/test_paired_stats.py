@@ -96,6 +96,30 @@ def test_the_count_draw_matches_an_explicit_row_index_bootstrap():
     assert ours == pytest.approx(list(ref), abs=step + 1e-9)
 
 
+def test_ratio_interval_matches_an_explicit_row_index_bootstrap():
+    # Issue 24's task-score share (candidate / reference) against a per-resample index loop.
+    rng = np.random.default_rng(11)
+    reference = (rng.random(100) < 0.8).astype(float)
+    candidate = np.where(rng.random(100) < 0.3, 1 - reference, reference)
+    ref_rng = np.random.default_rng(321)
+    ratios = []
+    for _ in range(20000):
+        idx = ref_rng.integers(0, 100, size=100)
+        ratios.append(candidate[idx].sum() / reference[idx].sum())
+    expected = np.quantile(ratios, [0.025, 0.975])
+    ours = paired.ratio_interval(reference, candidate, resamples=20000)
+    assert ours == pytest.approx(list(expected), abs=0.015)  # Monte Carlo noise of two bootstraps
+    assert ours[0] < candidate.sum() / reference.sum() < ours[1]
+
+
+def test_ratio_interval_hand_cases():
+    same = [1, 0, 1, 1, 0, 1]
+    assert paired.ratio_interval(same, same) == [1.0, 1.0]  # every resample's ratio is 1
+    assert paired.ratio_interval(same, [0] * 6) == [0.0, 0.0]
+    with pytest.raises(ValueError, match="reference scores 0"):
+        paired.ratio_interval([0, 0, 0], [1, 0, 1])
+
+
 def test_seeded_bounds_are_reproducible():
     rng = np.random.default_rng(0)
     before = (rng.random(150) < 0.6).astype(float)
