@@ -81,14 +81,14 @@ def test_default_suite_for_a_chat_model_on_chat_rows(chat_ws, capsys):
 
 
 def test_default_recipe_for_a_chat_model_on_chat_rows(chat_ws, capsys):
-    """No replay and no KL given: self-replay at 20%, marked as the chat default; any of them
+    """No replay and no KL given: self-replay at 10%, marked as the chat default; any of them
     given (even replay_ratio=0), another method, no template or no chat rows: untouched."""
     def recipe(*args):
         cfg, explicit = _cfg(*args)
         return default_chat_recipe(cfg, {k: "you" for k in explicit})
 
     cfg, sources = recipe(f"model={chat_ws['chat_model']}", f"data={chat_ws['chats']}")
-    assert (cfg.replay_data, cfg.replay_ratio) == ("self", 0.2) == (CHAT_RECIPE["replay_data"], CHAT_RECIPE["replay_ratio"])
+    assert (cfg.replay_data, cfg.replay_ratio) == ("self", 0.1) == (CHAT_RECIPE["replay_data"], CHAT_RECIPE["replay_ratio"])
     assert sources["replay_data"] == sources["replay_ratio"] == "chat default"
     assert "replay: not given" in capsys.readouterr().out
     for args in ([f"model={chat_ws['plain_model']}", f"data={chat_ws['chats']}"],     # no chat template

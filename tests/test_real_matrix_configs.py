@@ -6,6 +6,7 @@ import pytest
 
 from trainer.config import build_config
 from trainer.demo import compare
+from trainer.run import CHAT_RECIPE
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -31,5 +32,7 @@ def test_the_issue_24_matrix_covers_its_rows():
             ("lora", "sdft", "ema", "forward"), ("lora", "dft", None, None), ("full", "sdft", "base", "forward")} <= kinds
     assert any(r.get("objective") == "dft" and r.get("kl_to_base", 0) > 0 for r in rows)  # ASFT
     assert any(r["learning_rate"] == 2e-4 and r.get("early_stopping_patience", 0) > 0 for r in rows)
-    assert any(r.get("replay_data") == "self" and r["replay_ratio"] == 0.2 for r in rows)  # the chat default
+    assert any(r.get("replay_data") == "self" and r["replay_ratio"] == 0.2 for r in rows)  # the session-6 default
+    assert any(r.get("replay_data") == CHAT_RECIPE["replay_data"] and r["replay_ratio"] == CHAT_RECIPE["replay_ratio"]
+               for r in rows)  # today's chat default
     assert all(r["capability_gate"] == "significant" and r["capability_max_drop"] == 10 for r in rows)

@@ -69,7 +69,7 @@ def _share(reference: dict[int, float] | None, outcomes: dict[int, float]) -> st
         return ""
     ref, cand = [reference[i] for i in lines], [outcomes[i] for i in lines]
     low, high = ratio_interval(ref, cand)
-    return f"{sum(cand) / sum(ref):.0%} [{low:.0%}, {high:.0%}]"
+    return f"{sum(cand) / sum(ref):.1%} [{low:.1%}, {high:.1%}]"
 
 
 def main(argv: list[str] | None = None) -> int:
