@@ -80,17 +80,18 @@ def test_large_sample_matches_the_normal_closed_form():
     assert high == pytest.approx(d.mean() + half, abs=0.15)
 
 
+def _index_bootstrap_interval(statistic, n: int, seed: int, resamples: int = 20000) -> np.ndarray:
+    """Reference: draw n row indices per resample, one resample at a time; 95% percentile bounds."""
+    rng = np.random.default_rng(seed)
+    return np.quantile([statistic(rng.integers(0, n, size=n)) for _ in range(resamples)], [0.025, 0.975])
+
+
 def test_the_count_draw_matches_an_explicit_row_index_bootstrap():
     # Reference: resample row indices one resample at a time (before and after together).
     rng = np.random.default_rng(5)
     before = (rng.random(60) < 0.7).astype(float)
     after = np.where(rng.random(60) < 0.25, 1 - before, before)
-    ref_rng = np.random.default_rng(123)
-    means = []
-    for _ in range(20000):
-        idx = ref_rng.integers(0, 60, size=60)
-        means.append(100 * (before[idx].mean() - after[idx].mean()))
-    ref = np.quantile(means, [0.025, 0.975])
+    ref = _index_bootstrap_interval(lambda idx: 100 * (before[idx].mean() - after[idx].mean()), 60, seed=123)
     ours = paired.bootstrap_interval(before, after, resamples=20000)
     step = 100 / 60  # a resampled mean moves in steps of one row
     assert ours == pytest.approx(list(ref), abs=step + 1e-9)
@@ -101,12 +102,7 @@ def test_ratio_interval_matches_an_explicit_row_index_bootstrap():
     rng = np.random.default_rng(11)
     reference = (rng.random(100) < 0.8).astype(float)
     candidate = np.where(rng.random(100) < 0.3, 1 - reference, reference)
-    ref_rng = np.random.default_rng(321)
-    ratios = []
-    for _ in range(20000):
-        idx = ref_rng.integers(0, 100, size=100)
-        ratios.append(candidate[idx].sum() / reference[idx].sum())
-    expected = np.quantile(ratios, [0.025, 0.975])
+    expected = _index_bootstrap_interval(lambda idx: candidate[idx].sum() / reference[idx].sum(), 100, seed=321)
     ours = paired.ratio_interval(reference, candidate, resamples=20000)
     assert ours == pytest.approx(list(expected), abs=0.015)  # Monte Carlo noise of two bootstraps
     assert ours[0] < candidate.sum() / reference.sum() < ours[1]
