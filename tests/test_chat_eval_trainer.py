@@ -143,3 +143,28 @@ def test_a_chat_run_scores_the_default_suite_and_gates_format_rigidity(chat_ws, 
     f = report["forgetting"]
     assert (f["max_format_rigidity"], f["format_rigidity_rise"], f["format_rigidity_failed"]) == (0.0, 0.0, False)
     assert all(row["chat"] for row in report["rows"])  # the suite's _meta.chat rendered every prompt
+
+
+def test_a_sequence_of_chat_stages_gets_the_chat_default_per_stage(chat_ws, tmp_path, capsys):
+    """trainer.sequence applies trainer.run's chat default to every stage when nothing is said
+    about replay; replay_ratio=0, a replay buffer or a model without a chat template: untouched."""
+    from trainer import sequence
+
+    config = tmp_path / "seq.yaml"
+    config.write_text(f"model: {chat_ws['chat_model']}\nmethod: lora\nmax_steps: 1\nstages:\n"
+                      + "".join(f"  - {{name: s{i}, data: {chat_ws['chats']}, capability_task: {chat_ws['task']}}}\n"
+                                for i in (1, 2)))
+
+    def stages(*args, model=chat_ws["chat_model"]):
+        spec = sequence.parse_spec(["--config", str(config), f"output_dir={tmp_path / 'out'}", *args])
+        return sequence.with_chat_default(spec, sequence.stage_configs(spec), str(model))
+
+    defaulted = stages()
+    assert [(s.cfg.replay_data, s.cfg.replay_ratio, s.replay_ratio) for s in defaulted] == \
+        [(CHAT_RECIPE["replay_data"], CHAT_RECIPE["replay_ratio"], CHAT_RECIPE["replay_ratio"])] * 2
+    assert capsys.readouterr().out.count("replay: not given") == 2
+    for args, model in ((["replay_ratio=0"], chat_ws["chat_model"]),
+                        (["replay_buffer=4", "replay_ratio=0.2"], chat_ws["chat_model"]),
+                        ([], chat_ws["plain_model"])):
+        assert all(s.cfg.replay_data is None for s in stages(*args, model=model)), (args, model)
+    assert "replay: not given" not in capsys.readouterr().out

@@ -33,6 +33,9 @@ overrides both (for every stage). Between stages (what the sequence sets, per st
   (``previous_fisher``, ``fisher_data``, ``ewc_online_gamma`` of the trainer);
 - ``replay_buffer=N``: ``trainer.replay_buffer`` (reservoir sample of the earlier stages'
   rows, seeded), written to ``replay/stage-K.jsonl`` and replayed as ``replay_data``.
+- a chat model on chat rows with nothing said about replay (no ``replay_buffer``, ``replay_data``,
+  ``replay_ratio`` or ``kl_to_base``): the chat default of ``trainer.run``, each stage replaying
+  the answers of the model it starts from to the built-in prompt bank (``replay_ratio=0``: off).
 
 Outputs in ``output_dir`` (default ``runs/sequence``): one folder per stage
 (``stage-1-tickets/``: the stage's own run, its ``forgetting_report.{json,md,png}`` against the
@@ -100,6 +103,7 @@ class Stage:
     cfg: TrainConfig  # resolved data paths; model / Fisher / adapter / replay wired in at run time
     replay_ratio: float  # the stage's replay share (of the buffer, and of general rows when given)
     general_replay: bool  # replay_data (general rows) given besides the buffer
+    explicit: frozenset = frozenset()  # the keys the config file or command line set for this stage
 
     @property
     def dir(self) -> Path:
@@ -229,7 +233,7 @@ def stage_configs(spec: SequenceSpec) -> list[Stage]:
                                 "the weights near the model the adapter was added to, which with continue would "
                                 "stay the first stage's start instead of the previous stage's end")
         check_inputs(cfg, model_is_local=i == 0 and model_is_a_path(cfg.model))
-        stages.append(Stage(i, raw["name"], cfg, ratio, general))
+        stages.append(Stage(i, raw["name"], cfg, ratio, general, frozenset(explicit)))
     if spec.replay_buffer:
         # The buffer (and its general rows) is one replay file, and the trainer reads one row format per file.
         files = [s.cfg.data for s in stages] + [s.cfg.replay_data for s in stages if s.general_replay]
@@ -440,6 +444,25 @@ def run_stage(spec: SequenceSpec, stages: list[Stage], k: int, done: list[dict],
 # ------------------------------------------------------------------------ the sequence
 
 
+def with_chat_default(spec: SequenceSpec, stages: list[Stage], model: str) -> list[Stage]:
+    """What ``trainer.run`` does for one run, per stage: a chat model tuned on chat rows with nothing
+    said about replay (no ``replay_buffer``, and no ``replay_data``, ``replay_ratio`` or ``kl_to_base``
+    in the config or on the command line) replays its own answers (``trainer.run.CHAT_RECIPE``; a
+    later stage's are the answers of the model it starts from). ``replay_ratio=0`` turns it off.
+    ``model`` is the resolved base: its tokenizer says whether there is a chat template."""
+    if spec.replay_buffer:
+        return stages
+    from trainer.run import default_chat_recipe
+
+    out = []
+    for stage in stages:
+        cfg, sources = default_chat_recipe(replace(stage.cfg, model=model), {k: "you" for k in stage.explicit})
+        if sources.get("replay_data") == "chat default":
+            stage = replace(stage, cfg=replace(cfg, model=stage.cfg.model), replay_ratio=cfg.replay_ratio)
+        out.append(stage)
+    return out
+
+
 def stage_line(k: int, stages: list[Stage], record: dict) -> str:
     tasks = " | ".join(f"{s.name} {v:.1f}" for s, v in zip(stages, record["R_row"], strict=True))
     caps = ""
@@ -469,6 +492,7 @@ def run_sequence(spec: SequenceSpec, stages: list[Stage], on_step_end=None) -> d
         print(f"sequence: resuming in {out} (finished stages are kept)", flush=True)
     print(f"sequence: {len(stages)} stages ({', '.join(s.name for s in stages)}), method {base_cfg.method}, "
           f"base {base_cfg.model}; scoring the base ...", flush=True)
+    stages = with_chat_default(spec, stages, base_cfg.model)
     base_reports, b = score_base(base_cfg, stages)
     done: list[dict] = []
     for k, stage in enumerate(stages):
