@@ -414,5 +414,12 @@ def test_kl_proxy_vs_gate_probe_on_a_tiny_run(tmp_path, monkeypatch, capsys):
     assert {p["step"]: p["kl_to_base_val"] for p in data["points"]} == logged == {
         s: logged[s] for s in (4, 8)}
     assert "Spearman" in capsys.readouterr().out
+    # A second call (e.g. plotting runs scored in parallel processes) reads the run's saved points;
+    # another --limit scores again.
+    assert main([str(out), "--out", str(tmp_path / "again.png")]) == 0
+    assert "2 checkpoints scored before" in capsys.readouterr().out
+    assert json.loads((tmp_path / "again.json").read_text())["points"] == data["points"]
+    assert main([str(out), "--limit", "2", "--out", str(tmp_path / "limited.png")]) == 0
+    assert "scored before" not in capsys.readouterr().out
     assert spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8)  # 1 - 6*2/(4*15), by hand
     assert main([str(tmp_path / "nothing")]) == 2

@@ -19,6 +19,9 @@ a ``kl_to_base`` anchor). Example (the real model, both tasks; the lead's comman
         save_steps=10 save_total_limit=0 output_dir=runs/kl_flights
     python -m bench.probes.kl_proxy_vs_gate runs/kl_flights runs/kl_reviews --out kl_vs_forgetting.png
 
+Each run's points are kept in ``<run>/kl_vs_gate_points.json`` (reused while the suite, the limit
+and the checkpoints are the same): score runs in parallel, one process each, then plot them together.
+
 Exit 2 on bad input (a directory without config.yaml, no checkpoint with a logged KL, no suite).
 """
 from __future__ import annotations
@@ -30,6 +33,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+
+# Each run's scored checkpoints, kept in its folder: scoring is the slow part (minutes a checkpoint),
+# so runs can be scored in parallel processes and plotted together afterwards.
+POINTS_CACHE = "kl_vs_gate_points.json"
 
 
 class ProbeError(ValueError):
@@ -101,6 +109,13 @@ def score_run(run_dir: Path, suite: str | None, limit: int | None, device: torch
     suite = suite or cfg.capability_suite
     if not suite:
         raise ProbeError(f"{run_dir}: the run has no capability_suite; pass --suite FILE.jsonl")
+    cache = run_dir / POINTS_CACHE
+    key = {"suite": str(suite), "limit": limit, "steps": [step for step, _ in steps]}
+    if cache.is_file():
+        saved = json.loads(cache.read_text(encoding="utf-8"))
+        if saved.get("key") == key:
+            print(f"{run_dir.name}: {len(saved['points'])} checkpoints scored before ({cache})", flush=True)
+            return [Point(**p) for p in saved["points"]]
     base, tokenizer = load_model(cfg, device)
     tuned, _ = load_model(cfg, device)
     build_method(cfg).weights.prepare(tuned)  # the trainable layout the checkpoints were saved from
@@ -121,6 +136,9 @@ def score_run(run_dir: Path, suite: str | None, limit: int | None, device: torch
                             passed=f.passed if f.gated else None))
         print(f"{run_dir.name} step {step}: KL {kl[step]:.4f}, mean forgetting {f.mean_forgetting:+.2f}, "
               f"task {points[-1].task_score}", flush=True)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "points": [asdict(p) for p in points]}, indent=2), encoding="utf-8")
+    tmp.replace(cache)
     return points
 
 
