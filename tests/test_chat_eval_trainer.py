@@ -87,10 +87,19 @@ def test_default_recipe_for_a_chat_model_on_chat_rows(chat_ws, capsys):
         cfg, explicit = _cfg(*args)
         return default_chat_recipe(cfg, {k: "you" for k in explicit})
 
-    cfg, sources = recipe(f"model={chat_ws['chat_model']}", f"data={chat_ws['chats']}")
+    cfg, sources = recipe(f"model={chat_ws['chat_model']}", f"data={chat_ws['chats']}", "max_steps=80")
     assert (cfg.replay_data, cfg.replay_ratio) == ("self", 0.1) == (CHAT_RECIPE["replay_data"], CHAT_RECIPE["replay_ratio"])
     assert sources["replay_data"] == sources["replay_ratio"] == "chat default"
     assert "replay: not given" in capsys.readouterr().out
+    # A run under 80 optimizer steps replays 20%: by max_steps, or by epochs over the file's 8 rows
+    # (batch 8 with 10% replay = 7.2 task rows a step: 2 epochs -> ceil(16 / 7.2) = 3 steps,
+    # 100 epochs -> ceil(800 / 7.2) = 112 steps).
+    for args, ratio in ((["max_steps=79"], 0.2), (["num_train_epochs=2"], 0.2), (["num_train_epochs=100"], 0.1)):
+        cfg, sources = recipe(f"model={chat_ws['chat_model']}", f"data={chat_ws['chats']}",
+                              "per_device_train_batch_size=8", *args)
+        assert (cfg.replay_data, cfg.replay_ratio, sources["replay_ratio"]) == ("self", ratio, "chat default"), args
+    out = capsys.readouterr().out
+    assert "a run of 3 optimizer steps, under 80" in out and "a run of 112 optimizer steps;" in out
     for args in ([f"model={chat_ws['plain_model']}", f"data={chat_ws['chats']}"],     # no chat template
                  [f"model={chat_ws['chat_model']}", f"data={chat_ws['pairs']}"],      # not chat rows
                  [f"model={chat_ws['chat_model']}", f"data={chat_ws['chats']}", "replay_ratio=0"],
@@ -151,7 +160,7 @@ def test_a_sequence_of_chat_stages_gets_the_chat_default_per_stage(chat_ws, tmp_
     from trainer import sequence
 
     config = tmp_path / "seq.yaml"
-    config.write_text(f"model: {chat_ws['chat_model']}\nmethod: lora\nmax_steps: 1\nstages:\n"
+    config.write_text(f"model: {chat_ws['chat_model']}\nmethod: lora\nmax_steps: 80\nstages:\n"
                       + "".join(f"  - {{name: s{i}, data: {chat_ws['chats']}, capability_task: {chat_ws['task']}}}\n"
                                 for i in (1, 2)))
 

@@ -205,30 +205,53 @@ def default_chat_suite(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
 
 
 # What a chat model tuned on chat rows gets when the command says nothing about replay: the base's
-# own answers to the built-in prompt bank replayed as 10% of every batch. On SmolLM2-135M-Instruct
-# (docs/results-real.md, "Issue 24"; 80 steps, the 1,320-row suite, paired intervals) it kept
-# 94.3-100% of plain LoRA's task score (two tasks, two seeds) with mean forgetting -0.9 to +2.7 points
-# and every category inside the gate, where 20% (the default until then) kept 88% and plain LoRA lost
-# 37-40 points.
+# own answers to the built-in prompt bank replayed as a share of every batch, 10% for a run of 80
+# optimizer steps or more, 20% for a shorter one. On SmolLM2-135M-Instruct (docs/results-real.md,
+# "Issue 24"; the 1,320-row suite, paired intervals): at 80 steps 10% kept 94.3-100% of plain LoRA's
+# task score (two tasks, two seeds) with mean forgetting -0.9 to +2.7 points and every category
+# inside the gate, where 20% kept 88% and plain LoRA lost 37-40 points; at 40 steps 10% failed the
+# gate on flights with both seeds (refusals, knowledge) where 20% passed. Fewer replay rows seen in
+# all (40 x 10% of 8 = 32 against 64 in the passing rows) leave the early takeover unrepaired.
 CHAT_RECIPE = {"replay_data": "self", "replay_ratio": 0.1}
 CHAT_RECIPE_KEYS = ("replay_data", "replay_ratio", "kl_to_base")
+CHAT_SHORT_RUN_STEPS = 80       # below this many optimizer steps ...
+CHAT_SHORT_RUN_RATIO = 0.2      # ... the chat default replays this share instead
+
+
+def planned_steps(cfg: TrainConfig, replay_ratio: float) -> int:
+    """The run's optimizer steps before its data is tokenized: max_steps, or the epochs over the
+    data file's rows (an estimate: rows the tokenizer drops and the validation split still count)."""
+    from trainer.data import read_jsonl, steps_for
+
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
+    return steps_for(len(read_jsonl(cfg.data)), global_batch, replay_ratio, cfg.num_train_epochs, 0)
 
 
 def default_chat_recipe(cfg: TrainConfig, sources: dict[str, str]) -> tuple[TrainConfig, dict[str, str]]:
     """LoRA or full fine-tuning of a chat model (chat template) on chat rows, with no replay and
-    no KL anchor given by anyone, replays the base's own answers (CHAT_RECIPE); ``replay_ratio=0``
-    turns it off.  Returns the config and the sources with those keys marked ``chat default``."""
+    no KL anchor given by anyone, replays the base's own answers (CHAT_RECIPE; CHAT_SHORT_RUN_RATIO
+    of every batch for a run under CHAT_SHORT_RUN_STEPS steps); ``replay_ratio=0`` turns it off.
+    Returns the config and the sources with those keys marked ``chat default``."""
     if any(k in sources for k in CHAT_RECIPE_KEYS) or cfg.replay_data or cfg.replay_ratio or cfg.kl_to_base:
         return cfg, sources
     if cfg.method not in ("lora", "full") or not cfg.data:
         return cfg, sources
     if not _chat_model_on_chat_rows(cfg):
         return cfg, sources
+    steps = planned_steps(cfg, CHAT_RECIPE["replay_ratio"])
+    recipe = dict(CHAT_RECIPE)
+    if steps < CHAT_SHORT_RUN_STEPS:
+        recipe["replay_ratio"] = CHAT_SHORT_RUN_RATIO
     if int(os.environ.get("RANK", "0")) == 0:
+        why = (f"a run of {steps} optimizer steps" + (f", under {CHAT_SHORT_RUN_STEPS}: a short run needs the larger "
+               f"share to repair what the first steps take" if steps < CHAT_SHORT_RUN_STEPS else ""))
         print(f"replay: not given; a chat model tuned on chat rows replays the base's own answers to the "
-              f"built-in prompt bank as {CHAT_RECIPE['replay_ratio']:.0%} of every batch (replay_data=self: "
+              f"built-in prompt bank as {recipe['replay_ratio']:.0%} of every batch ({why}; replay_data=self: "
               "generated once, then cached; replay_ratio=0 turns it off)", flush=True)
-    return replace(cfg, **CHAT_RECIPE), {**sources, **{k: "chat default" for k in CHAT_RECIPE}}
+    return replace(cfg, **recipe), {**sources, **{k: "chat default" for k in recipe}}
 
 
 def check_capability_gates(cfg: TrainConfig) -> None:
