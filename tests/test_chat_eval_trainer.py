@@ -177,3 +177,45 @@ def test_a_sequence_of_chat_stages_gets_the_chat_default_per_stage(chat_ws, tmp_
                         ([], chat_ws["plain_model"])):
         assert all(s.cfg.replay_data is None for s in stages(*args, model=model)), (args, model)
     assert "replay: not given" not in capsys.readouterr().out
+
+
+def test_a_sequence_replays_its_buffer_and_its_own_answers_in_one_file(chat_ws, tmp_path, monkeypatch):
+    """replay_buffer beside replay_data=self: stage 2's replay file holds the earlier stage's chats
+    and the start model's own answers to the prompt bank, at replay_buffer_share; rows of another
+    format than chats cannot share that file."""
+    from dataclasses import replace
+
+    import torch
+
+    from trainer import sequence
+    from trainer.data import read_jsonl
+    from trainer.loop import load_model
+    from trainer.self_replay import self_replay_from_config
+
+    monkeypatch.setenv("FORGETLESS_CACHE", str(tmp_path / "cache"))
+    config = tmp_path / "seq.yaml"
+    shared = (f"model: {chat_ws['chat_model']}\nmethod: lora\nmax_steps: 2\nlora_between: merge\nreplay_buffer: 4\n"
+              "replay_ratio: 0.25\nreplay_data: self\nself_replay_samples: 3\nself_replay_max_new_tokens: 4\n")
+    config.write_text(shared + "stages:\n" + "".join(
+        f"  - {{name: s{i}, data: {chat_ws['chats']}, capability_task: {chat_ws['task']}}}\n" for i in (1, 2)))
+    spec = sequence.parse_spec(["--config", str(config), f"output_dir={tmp_path / 'out'}"])
+    stages = sequence.stage_configs(spec)
+    assert stages[0].cfg.replay_data == "self"  # stage 1 has no buffer yet: its own answers only
+    done = [{"saved_to": str(tmp_path / "unused"), "merged": str(chat_ws["chat_model"])}]
+    cfg, wired = sequence.wire_stage(spec, stages, 1, done, str(chat_ws["chat_model"]), tmp_path / "out")
+    rows = read_jsonl(cfg.replay_data)
+    # The reference: the start model's self-replay file, built on its own (the cache gives it back).
+    model, tokenizer = load_model(replace(stages[1].cfg, model=str(chat_ws["chat_model"])), torch.device("cpu"))
+    own_path, _ = self_replay_from_config(stages[1].cfg, model, tokenizer)
+    own = read_jsonl(own_path)
+    chats = read_jsonl(chat_ws["chats"])
+    buffer = [r for r in rows if r in chats]
+    assert len(buffer) == 4 and wired["replay_buffer"]["buffer_rows"] == 4
+    assert len(own) == 3 and sorted(map(str, rows[4:])) == sorted(map(str, own))  # share 0.5: 4 buffer -> 4 wanted, 3 exist
+    assert cfg.replay_ratio == 0.25
+    # prompt/completion stages cannot take chat-shaped self-replay rows into the same file
+    config.write_text(shared + "stages:\n" + "".join(
+        f"  - {{name: s{i}, data: {chat_ws['pairs']}, capability_task: {chat_ws['task']}}}\n" for i in (1, 2)))
+    spec = sequence.parse_spec(["--config", str(config), f"output_dir={tmp_path / 'out2'}"])
+    with pytest.raises(sequence.SequenceError, match=r"one row format.*replay_data=self \(messages\)"):
+        sequence.stage_configs(spec)

@@ -32,7 +32,10 @@ overrides both (for every stage). Between stages (what the sequence sets, per st
   stage's training rows at the weights that ended it, which are also the anchors
   (``previous_fisher``, ``fisher_data``, ``ewc_online_gamma`` of the trainer);
 - ``replay_buffer=N``: ``trainer.replay_buffer`` (reservoir sample of the earlier stages'
-  rows, seeded), written to ``replay/stage-K.jsonl`` and replayed as ``replay_data``.
+  rows, seeded), written to ``replay/stage-K.jsonl`` and replayed as ``replay_data``; general
+  rows given as ``replay_data`` join it (``replay_buffer_share`` of the file is the buffer),
+  ``replay_data=self`` too: the answers of the model the stage starts from, generated (or read
+  from the cache) before the stage trains;
 - a chat model on chat rows with nothing said about replay (no ``replay_buffer``, ``replay_data``,
   ``replay_ratio`` or ``kl_to_base``): the chat default of ``trainer.run``, each stage replaying
   the answers of the model it starts from to the built-in prompt bank (``replay_ratio=0``: off).
@@ -57,7 +60,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from trainer.config import ConfigError, TrainConfig, build_config, load_yaml
+from trainer.config import SELF_REPLAY, ConfigError, TrainConfig, build_config, load_yaml
 from trainer.data import DataError, file_row_format, read_jsonl
 from trainer.replay_buffer import replay_rows, stage_buffer, stage_shares, write_jsonl_atomic
 
@@ -236,8 +239,11 @@ def stage_configs(spec: SequenceSpec) -> list[Stage]:
         stages.append(Stage(i, raw["name"], cfg, ratio, general, frozenset(explicit)))
     if spec.replay_buffer:
         # The buffer (and its general rows) is one replay file, and the trainer reads one row format per file.
-        files = [s.cfg.data for s in stages] + [s.cfg.replay_data for s in stages if s.general_replay]
+        files = [s.cfg.data for s in stages] + [s.cfg.replay_data for s in stages
+                                                 if s.general_replay and s.cfg.replay_data != SELF_REPLAY]
         formats = {path: file_row_format(path) for path in dict.fromkeys(files)}
+        if any(s.general_replay and s.cfg.replay_data == SELF_REPLAY for s in stages):
+            formats[f"replay_data={SELF_REPLAY}"] = "messages"  # the model's own answers are chats
         if len(set(formats.values())) > 1:
             raise SequenceError("replay_buffer: the stages' data (and replay_data) must share one row format, since "
                                 "their rows are replayed from one file; found "
@@ -302,13 +308,31 @@ def wire_stage(spec: SequenceSpec, stages: list[Stage], k: int, done: list[dict]
     if spec.replay_buffer and k > 0:
         earlier = [read_jsonl(s.cfg.data) for s in stages[:k]]
         buffer = stage_buffer(earlier, spec.replay_buffer, cfg.seed)
-        general = read_jsonl(stage.cfg.replay_data) if stage.general_replay else None
+        general = None
+        if stage.general_replay:
+            general = read_jsonl(self_replay_file(cfg) if cfg.replay_data == SELF_REPLAY else cfg.replay_data)
         rows = replay_rows(buffer, general, spec.replay_buffer_share, cfg.seed)
         path = write_jsonl_atomic(out / "replay" / f"stage-{k + 1}.jsonl", rows)
         cfg = replace(cfg, replay_data=str(path), replay_ratio=stage.replay_ratio)
         wired["replay_buffer"] = {"file": str(path), "buffer_rows": len(buffer), "general_rows": len(rows) - len(buffer),
                                   "stage_shares": stage_shares(buffer, k), "replay_ratio": stage.replay_ratio}
     return cfg, wired
+
+
+def self_replay_file(cfg: TrainConfig) -> str:
+    """replay_data=self beside a replay buffer: the stage's start model (its ``model``, plus
+    ``init_adapter`` when it continues an adapter) answers the prompt bank here (or the cache
+    has the answers), so its rows can join the buffer's in one replay file."""
+    from trainer.self_replay import self_replay_from_config
+
+    if cfg.init_adapter:
+        model, tokenizer = load_for_scoring(replace(cfg, init_adapter=None), cfg.init_adapter)
+    else:
+        model, tokenizer = load_for_scoring(cfg, cfg.model)
+    path, stats = self_replay_from_config(cfg, model, tokenizer)
+    print(f"{stats.summary()}; {path}", flush=True)
+    del model
+    return str(path)
 
 
 def _device(cfg: TrainConfig):
