@@ -329,8 +329,7 @@ def self_replay_file(cfg: TrainConfig) -> str:
         model, tokenizer = load_for_scoring(replace(cfg, init_adapter=None), cfg.init_adapter)
     else:
         model, tokenizer = load_for_scoring(cfg, cfg.model)
-    path, stats = self_replay_from_config(cfg, model, tokenizer)
-    print(f"{stats.summary()}; {path}", flush=True)
+    path, _ = self_replay_from_config(cfg, model, tokenizer)  # it logs its own summary and path
     del model
     return str(path)
 
