@@ -221,13 +221,14 @@ CHAT_SHORT_RUN_RATIO = 0.2      # ... the chat default replays this share instea
 def planned_steps(cfg: TrainConfig, replay_ratio: float) -> int:
     """The run's optimizer steps before its data is tokenized: max_steps, or the epochs over the
     data file's rows (an estimate: rows the tokenizer drops and the validation split still count)."""
-    from trainer.data import read_jsonl, steps_for
+    from trainer.data import jsonl_rows, steps_for
 
     if cfg.max_steps > 0:
         return cfg.max_steps
     world = int(os.environ.get("WORLD_SIZE", "1"))
     global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
-    return steps_for(len(read_jsonl(cfg.data)), global_batch, replay_ratio, cfg.num_train_epochs, 0)
+    rows = sum(1 for _ in jsonl_rows(cfg.data))  # counted, not held: the data file may be large
+    return steps_for(rows, global_batch, replay_ratio, cfg.num_train_epochs, 0)
 
 
 def default_chat_recipe(cfg: TrainConfig, sources: dict[str, str]) -> tuple[TrainConfig, dict[str, str]]:
