@@ -165,6 +165,10 @@ class TrainConfig:
         None, "fail the run (exit 1) when the share of non-task answers in the task's format rises more than N "
               "points over the base (task format: _meta.task_format of capability_suite or capability_task)")
 
+    def global_batch(self, world_size: int) -> int:
+        """Rows per optimizer step over every process (the batch plan and the chat default both count it)."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * world_size
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

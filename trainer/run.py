@@ -225,9 +225,8 @@ def planned_steps(cfg: TrainConfig, replay_ratio: float) -> int:
 
     if cfg.max_steps > 0:
         return cfg.max_steps
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
     rows = sum(1 for _ in jsonl_rows(cfg.data))  # counted, not held: the data file may be large
+    global_batch = cfg.global_batch(int(os.environ.get("WORLD_SIZE", "1")))
     return steps_for(rows, global_batch, replay_ratio, cfg.num_train_epochs, 0)
 
 

@@ -216,7 +216,7 @@ class BatchPlan:
 
 
 def plan_run(cfg: TrainConfig, data: RunData, ctx: D.DistContext) -> BatchPlan:
-    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * ctx.world_size
+    global_batch = cfg.global_batch(ctx.world_size)
     n_replay = len(data.replay.examples) if data.replay else 0
     ratio = cfg.replay_ratio if data.replay else 0.0
     total = steps_for(len(data.task.examples), global_batch, ratio, cfg.num_train_epochs, cfg.max_steps)
