@@ -12,7 +12,8 @@ count for both (whatever the environment gives). A step's time is the median of 
 the second (both warm up); peak RSS is each process's VmHWM.
 
 Prints one line per process and a summary: the ratio of mean steps/s (ours / TRL) with the
-min-max of the per-round ratios, and the ratio of mean peak RSS. Writes ``rounds.json`` in ``--out``.
+min-max of the per-round ratios, the ratio of mean peak RSS, and each side's rollout seconds a
+step (ours from metrics.jsonl, TRL's the time inside ``generate``). Writes ``rounds.json`` in ``--out``.
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def trl_command(args, out: Path) -> list[str]:
 
 def trl_result(out: Path, log: str) -> dict:
     row = json.loads((out / "trl_row.json").read_text())
-    return {"median_step_s": row["median_step_s"], "peak_rss_mb": row["peak_rss_mb"], "steps": row["steps"]}
+    return {"median_step_s": row["median_step_s"], "median_rollout_s": row.get("median_rollout_s"),
+            "peak_rss_mb": row["peak_rss_mb"], "steps": row["steps"]}
 
 
 SIDES = {"forgetless": (ours_command, ours_result), "trl": (trl_command, trl_result)}
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"steps/s ours / TRL: {speed:.2f}x (rounds {min(per_round):.2f}-{max(per_round):.2f}); "
           f"s/step ours {mean('forgetless', 'median_step_s'):.2f} vs TRL {mean('trl', 'median_step_s'):.2f}; "
           f"peak RSS ours / TRL: {memory:.2f}x ({mean('forgetless', 'peak_rss_mb'):,.0f} vs "
-          f"{mean('trl', 'peak_rss_mb'):,.0f} MB)")
+          f"{mean('trl', 'peak_rss_mb'):,.0f} MB); of a step the rollout: ours "
+          f"{mean('forgetless', 'median_rollout_s'):.2f} s vs TRL {mean('trl', 'median_rollout_s'):.2f} s")
     return 0
 
 

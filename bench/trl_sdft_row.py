@@ -13,7 +13,8 @@ skipped. It then saves the adapter and scores it with forgetless's own eval (``p
 in a fresh process) so the row is scored exactly like ours.
 
 Written beside the adapter: ``trl_row.json`` with the wall time of training, the median
-seconds per optimizer step (steps after the second: TRL's first steps warm up), and the
+seconds per optimizer step (steps after the second: TRL's first steps warm up) and of it the
+time inside ``generate`` (the rollout), and the
 process's peak RSS (VmHWM). Each side of a comparison runs in its own process, as users run them.
 """
 from __future__ import annotations
@@ -92,13 +93,34 @@ def main(argv: list[str] | None = None) -> int:
                              task_type="CAUSAL_LM")
 
     step_times: list[float] = []
+    rollout_times: list[float] = []
+    in_generate = {"depth": 0, "seconds": 0.0}
+    # The rollout's share of a step: every call into transformers' generate() is timed (the
+    # outermost one only: PEFT's generate calls the base model's), summed per optimizer step.
+    from transformers.generation.utils import GenerationMixin
+
+    plain_generate = GenerationMixin.generate
+
+    def timed_generate(self, *a, **kw):
+        in_generate["depth"] += 1
+        t = time.perf_counter()
+        try:
+            return plain_generate(self, *a, **kw)
+        finally:
+            in_generate["depth"] -= 1
+            if in_generate["depth"] == 0:
+                in_generate["seconds"] += time.perf_counter() - t
+
+    GenerationMixin.generate = timed_generate
 
     class StepClock(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
             self.t0 = time.perf_counter()
+            in_generate["seconds"] = 0.0
 
         def on_step_end(self, a, state, control, **kw):
             step_times.append(time.perf_counter() - self.t0)
+            rollout_times.append(in_generate["seconds"])
 
     trainer = SDFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                           peft_config=peft_config, callbacks=[StepClock()])
@@ -111,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     row = {"peer": "trl-1.16 SDFTTrainer + PEFT LoRA r16", "task": args.task, "steps": len(step_times),
            "train_wall_s": round(wall, 1), "median_step_s": round(statistics.median(timed), 3),
            "step_s_min": round(min(timed), 3), "step_s_max": round(max(timed), 3),
+           "median_rollout_s": round(statistics.median(rollout_times[2:] or rollout_times), 3),
            "peak_rss_mb": round(peak_rss_mb(), 1), "bf16": args.bf16, "max_new_tokens": args.max_new_tokens,
            "batch_size": args.batch_size, "learning_rate": args.learning_rate, "seed": args.seed,
            "torch_threads": torch.get_num_threads()}
