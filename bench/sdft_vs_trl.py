@@ -8,7 +8,9 @@ linear layer, the flights chat rows, one rollout per prompt of at most ``--max-n
 sampled tokens at temperature 1, the teacher the base with the demonstration in its context (the
 paper's template), forward KL over the full vocabulary, the first 3 sampled tokens skipped, fp32
 (``bf16=false``: the matched precision; TRL runs fp32 on CPU unless told otherwise), one thread
-count for both (whatever the environment gives). A step's time is the median of the steps after
+count for both (whatever the environment gives), no validation on either side (TRL's row runs
+none; ours with ``eval_data`` would add a 200-row validation and KL-proxy pass to the process's
+wall time and memory, not to its steps). A step's time is the median of the steps after
 the second (both warm up); peak RSS is each process's VmHWM.
 
 Prints one line per process and a summary: the ratio of mean steps/s (ours / TRL) with the
@@ -28,7 +30,7 @@ from pathlib import Path
 
 def ours_command(args, out: Path) -> list[str]:
     return [sys.executable, "-m", "trainer.run", "model=smollm2-135m-instruct", "data=chat-task:flights",
-            "eval_data=chat-task:flights", "method=lora", "lora_r=16", "lora_alpha=32", "objective=sdft",
+            "method=lora", "lora_r=16", "lora_alpha=32", "objective=sdft",
             "sdft_teacher=base", "sdft_divergence=forward", f"sdft_max_new_tokens={args.max_new_tokens}",
             "sdft_num_generations=1", "sdft_temperature=1.0", "sdft_skip_tokens=3", "replay_ratio=0",
             f"per_device_train_batch_size={args.batch_size}", f"max_steps={args.steps}", "warmup_steps=5",
