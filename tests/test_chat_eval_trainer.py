@@ -91,15 +91,21 @@ def test_default_recipe_for_a_chat_model_on_chat_rows(chat_ws, capsys):
     assert (cfg.replay_data, cfg.replay_ratio) == ("self", 0.1) == (CHAT_RECIPE["replay_data"], CHAT_RECIPE["replay_ratio"])
     assert sources["replay_data"] == sources["replay_ratio"] == "chat default"
     assert "replay: not given" in capsys.readouterr().out
-    # A run under 80 optimizer steps replays 20%: by max_steps, or by epochs over the file's 8 rows
-    # (batch 8 with 10% replay = 7.2 task rows a step: 2 epochs -> ceil(16 / 7.2) = 3 steps,
-    # 100 epochs -> ceil(800 / 7.2) = 112 steps).
-    for args, ratio in ((["max_steps=79"], 0.2), (["num_train_epochs=2"], 0.2), (["num_train_epochs=100"], 0.1)):
+    # The share shows the run 64 replay rows in all, between 10% and 40%: by max_steps (batch 8:
+    # 64 / (steps x 8)), or by epochs over the file's 8 rows (2 epochs at 40%: 4.8 task rows a step,
+    # ceil(16 / 4.8) = 4 steps, capped; 100 epochs at 10%: ceil(800 / 7.2) = 112 steps, floored).
+    for args, ratio in ((["max_steps=79"], 64 / 632), (["max_steps=40"], 0.2), (["max_steps=20"], 0.4),
+                        (["max_steps=10"], 0.4), (["num_train_epochs=2"], 0.4), (["num_train_epochs=100"], 0.1)):
         cfg, sources = recipe(f"model={chat_ws['chat_model']}", f"data={chat_ws['chats']}",
                               "per_device_train_batch_size=8", *args)
-        assert (cfg.replay_data, cfg.replay_ratio, sources["replay_ratio"]) == ("self", ratio, "chat default"), args
+        assert (cfg.replay_data, sources["replay_ratio"]) == ("self", "chat default"), args
+        assert cfg.replay_ratio == pytest.approx(ratio, abs=1e-4), args
     out = capsys.readouterr().out
-    assert "a run of 3 optimizer steps, under 80" in out and "a run of 112 optimizer steps;" in out
+    assert "as 20.0% of every batch (a run of 40 optimizer steps of 8 rows: 64 replay rows in all; replay_data" in out
+    assert "as 40.0% of every batch (a run of 20 optimizer steps of 8 rows: 64 replay rows in all; runs under 40" in out
+    assert "a run of 10 optimizer steps of 8 rows: 32 replay rows in all; runs under 40 steps failed" in out
+    assert "a run of 4 optimizer steps of 8 rows: 13 replay rows in all; runs under 40" in out
+    assert "as 10.0% of every batch (a run of 112 optimizer steps of 8 rows: 90 replay rows in all; replay_data" in out
     for args in ([f"model={chat_ws['plain_model']}", f"data={chat_ws['chats']}"],     # no chat template
                  [f"model={chat_ws['chat_model']}", f"data={chat_ws['pairs']}"],      # not chat rows
                  [f"model={chat_ws['chat_model']}", f"data={chat_ws['chats']}", "replay_ratio=0"],

@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reference", default=None, help="row folder name whose task score the others are a share of "
                                                       "(e.g. lora)")
     args = ap.parse_args(argv)
-    rows = [p for p in sorted(Path(args.matrix).iterdir()) if p.is_dir()] + [Path(p) for p in args.extra]
+    rows = [p for p in sorted(Path(args.matrix).iterdir()) if p.is_dir()]
+    rows += [Path(p) for p in args.extra if Path(p).resolve() not in {r.resolve() for r in rows}]  # listed once
     reference = None
     if args.reference:
         found = _row_report(Path(args.matrix) / args.reference)
