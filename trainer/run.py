@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -222,15 +223,17 @@ CHAT_MAX_RATIO = 0.4      # the largest share measured (20 steps x 8 rows); shor
 CHAT_SHORTEST_PASSING_STEPS = 40  # the shortest run the default was measured to keep the gate in
 
 
-def planned_steps(cfg: TrainConfig, replay_ratio: float) -> int:
-    """The run's optimizer steps before its data is tokenized: max_steps, or the epochs over the
-    data file's rows (an estimate: rows the tokenizer drops and the validation split still count)."""
+def planned_steps(cfg: TrainConfig) -> Callable[[float], int]:
+    """The run's optimizer steps before its data is tokenized, as a function of the replay share:
+    max_steps, or the epochs over the data file's rows (an estimate: rows the tokenizer drops and
+    the validation split still count; the file is counted once, not held: it may be large)."""
     from trainer.data import jsonl_rows, steps_for
 
     if cfg.max_steps > 0:
-        return cfg.max_steps
-    rows = sum(1 for _ in jsonl_rows(cfg.data))  # counted, not held: the data file may be large
-    return steps_for(rows, chat_global_batch(cfg), replay_ratio, cfg.num_train_epochs, 0)
+        return lambda replay_ratio: cfg.max_steps
+    rows = sum(1 for _ in jsonl_rows(cfg.data))
+    batch = chat_global_batch(cfg)
+    return lambda replay_ratio: steps_for(rows, batch, replay_ratio, cfg.num_train_epochs, 0)
 
 
 def chat_global_batch(cfg: TrainConfig) -> int:
@@ -255,10 +258,10 @@ def default_chat_recipe(cfg: TrainConfig, sources: dict[str, str]) -> tuple[Trai
         return cfg, sources
     if not _chat_model_on_chat_rows(cfg):
         return cfg, sources
-    batch = chat_global_batch(cfg)
+    batch, steps_at = chat_global_batch(cfg), planned_steps(cfg)
     ratio = CHAT_RECIPE["replay_ratio"]
     for _ in range(3):  # epochs-based runs: a larger share makes more steps, which want a smaller one
-        steps = planned_steps(cfg, ratio)
+        steps = steps_at(ratio)
         ratio = chat_replay_ratio(steps, batch)
     recipe = {**CHAT_RECIPE, "replay_ratio": ratio}
     if int(os.environ.get("RANK", "0")) == 0:
