@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     def hf():
         width = max(map(len, prompts))
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-        mask = (ids != pad) | (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None])
+        mask = torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]  # left padding
         with torch.no_grad():
             model.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=args.new_tokens, do_sample=True,
                            temperature=1.0, top_k=0, top_p=1.0, pad_token_id=pad, eos_token_id=sorted(stop))
