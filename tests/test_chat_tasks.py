@@ -84,6 +84,28 @@ def test_rows_are_chat_rows_and_the_suite_is_held_out(task):
     assert all(r["category"] == "task" and r["max_new_tokens"] >= 32 for r in suite)
 
 
+def test_extra_suite_is_held_out_from_every_file_and_leaves_them_alone(task, tmp_path):
+    from eval.suite import load_suite
+
+    name, files = task
+    path = chat_tasks.build_extra_suite(name, tmp_path / "extra.jsonl", 60, seed=0, sizes=SMALL)
+    meta, *extra = read(path)
+    assert len(extra) == 60 and all(r["category"] == "task" for r in extra)
+    assert meta["_meta"]["task_format"] == CHAT_TASKS[name].task_format and meta["_meta"]["chat"] is True
+    seen = {r["messages"][0]["content"] for r in read(files.train) + read(files.val)}
+    seen |= {r["prompt"] for r in read(files.suite)[1:]}
+    prompts = [r["prompt"] for r in extra]
+    assert len(set(prompts)) == 60 and not set(prompts) & seen
+    # the task's own files are unchanged by drawing more, and the same call writes the same bytes
+    again = build_chat_task(name, tmp_path / "again", seed=0, sizes=SMALL)
+    assert all(getattr(again, part).read_bytes() == getattr(files, part).read_bytes()
+               for part in ("train", "val", "suite"))
+    assert chat_tasks.build_extra_suite(name, tmp_path / "b.jsonl", 60, sizes=SMALL).read_bytes() == path.read_bytes()
+    assert len(load_suite(path).rows) == 60  # python -m eval --suite reads it
+    with pytest.raises(ValueError, match="rows"):
+        chat_tasks.build_extra_suite(name, tmp_path / "c.jsonl", 0, sizes=SMALL)
+
+
 def test_suite_rows_are_valid_suite_rows(task):
     from eval.suite import parse_suite_lines
 

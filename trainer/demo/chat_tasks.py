@@ -271,18 +271,51 @@ def build_chat_task(name: str, out_dir: str | Path, seed: int = 0, sizes: ChatTa
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     files = ChatTaskFiles(root, root / "train.jsonl", root / "val.jsonl", root / "suite.jsonl")
-    rng = random.Random(f"{seed}:chat-task:{name}")
-    taken: set[str] = set()
+    rng, taken = random.Random(f"{seed}:chat-task:{name}"), set()
+    suite, val, train = _draw_splits(spec, rng, sizes, taken)
+    _write_jsonl(files.train, [_chat_row(p, a) for p, a in train])
+    _write_jsonl(files.val, [_chat_row(p, a) for p, a in val])
+    _write_suite(files.suite, spec, f"chat-task-{name}", f"{CHAT_TASKS_VERSION}-seed{seed}", suite)
+    return files
+
+
+def _draw_splits(spec: ChatTaskSpec, rng: random.Random, sizes: ChatTaskSizes, taken: set[str]):
+    """(suite, val, train) examples, in the order that fixes the task's bytes: suite first."""
     suite = _draw(spec, rng, sizes.suite, taken)  # held out first
     val = _draw(spec, rng, sizes.val, taken)
     train = _draw(spec, rng, sizes.train, taken)
-    meta = {"name": f"chat-task-{name}", "version": f"{CHAT_TASKS_VERSION}-seed{seed}",
-            "description": spec.description, "task_format": spec.task_format, "chat": True}
-    _write_jsonl(files.train, [_chat_row(p, a) for p, a in train])
-    _write_jsonl(files.val, [_chat_row(p, a) for p, a in val])
-    _write_jsonl(files.suite, [{"_meta": meta}, *({"category": "task", "prompt": p, "answer": a,
-                                                   "max_new_tokens": spec.max_new_tokens} for p, a in suite)])
-    return files
+    return suite, val, train
+
+
+def _write_suite(path: Path, spec: ChatTaskSpec, suite_name: str, version: str,
+                 examples: list[tuple[str, str]], category: str = "task") -> None:
+    meta = {"name": suite_name, "version": version, "description": spec.description,
+            "task_format": spec.task_format, "chat": True}
+    _write_jsonl(path, [{"_meta": meta}, *({"category": category, "prompt": p, "answer": a,
+                                            "max_new_tokens": spec.max_new_tokens} for p, a in examples)])
+
+
+def build_extra_suite(name: str, path: str | Path, rows: int, seed: int = 0,
+                      sizes: ChatTaskSizes | None = None, category: str = "task") -> Path:
+    """A second held-out suite of ``rows`` task prompts, for a task score finer than 100 rows.
+
+    The task's own draws are replayed first (same seed and sizes: suite, val, train), then
+    ``rows`` more are drawn, so no extra prompt occurs in the task's train, val or suite and
+    the task's own files are the ones :func:`build_chat_task` writes. Same arguments, same bytes.
+    ``category``: the rows' category; another name than ``task`` (e.g. ``task_extra``) lets the
+    file be a run's ``capability_suite`` beside ``capability_task``, both scored in one report.
+    """
+    if rows < 1:
+        raise ValueError(f"rows must be at least 1, got {rows}")
+    spec, sizes = get_spec(name), sizes or ChatTaskSizes()
+    rng, taken = random.Random(f"{seed}:chat-task:{name}"), set()
+    _draw_splits(spec, rng, sizes, taken)
+    extra = _draw(spec, rng, rows, taken)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_suite(path, spec, f"chat-task-{name}-extra", f"{CHAT_TASKS_VERSION}-seed{seed}-extra{rows}", extra,
+                 category)
+    return path
 
 
 def ensure_chat_task(name: str, cache_dir: str | Path | None = None, seed: int = 0) -> ChatTaskFiles:
@@ -306,3 +339,29 @@ def ensure_chat_task(name: str, cache_dir: str | Path | None = None, seed: int =
 def in_task_format(name: str, text: str) -> bool:
     """Whether an answer's first line is in the task's format."""
     return re.search(get_spec(name).task_format, text.strip().split("\n")[0].strip()) is not None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m trainer.demo.chat_tasks extra-suite reviews --rows 900 --out FILE``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m trainer.demo.chat_tasks",
+                                 description="write a task's extra held-out suite (prompts in none of its files)")
+    ap.add_argument("command", choices=["extra-suite"])
+    ap.add_argument("task", choices=sorted(CHAT_TASKS))
+    ap.add_argument("--rows", type=int, required=True, help="how many extra held-out prompts")
+    ap.add_argument("--seed", type=int, default=0, help="the task's seed (its files' seed, not the run's)")
+    ap.add_argument("--category", default="task",
+                    help="the rows' category (task_extra: usable as a run's capability_suite beside its task)")
+    ap.add_argument("--out", required=True, help="the suite file to write (JSONL)")
+    args = ap.parse_args(argv)
+    if args.rows < 1:
+        ap.error(f"--rows must be at least 1, got {args.rows}")
+    if not args.category.strip():
+        ap.error("--category must not be empty")
+    print(f"wrote {build_extra_suite(args.task, args.out, args.rows, seed=args.seed, category=args.category)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
