@@ -106,6 +106,19 @@ def test_extra_suite_is_held_out_from_every_file_and_leaves_them_alone(task, tmp
         chat_tasks.build_extra_suite(name, tmp_path / "c.jsonl", 0, sizes=SMALL)
 
 
+def test_extra_suite_command_line(tmp_path, capsys):
+    out = tmp_path / "extra.jsonl"
+    assert chat_tasks.main(["extra-suite", "reviews", "--rows", "5", "--category", "task_extra",
+                            "--out", str(out)]) == 0
+    meta, *rows = read(out)
+    assert len(rows) == 5 and {r["category"] for r in rows} == {"task_extra"}
+    for bad in (["--rows", "0"], ["--rows", "3", "--category", " "]):
+        with pytest.raises(SystemExit) as exc:
+            chat_tasks.main(["extra-suite", "reviews", *bad, "--out", str(tmp_path / "x.jsonl")])
+        assert exc.value.code == 2
+    assert "--rows must be at least 1" in capsys.readouterr().err
+
+
 def test_suite_rows_are_valid_suite_rows(task):
     from eval.suite import parse_suite_lines
 
