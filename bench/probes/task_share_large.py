@@ -8,7 +8,7 @@ two rows' forgetting reports (``<row>/forgetting_report.json``) that were scored
 task's extra held-out prompts as their capability suite (``python -m trainer.demo.chat_tasks
 extra-suite reviews --rows 900 --category task_extra --out FILE``, then the run with
 ``capability_suite=FILE``), and prints, for each pair, both rows' scores and the candidate's
-share of the reference's with its paired bootstrap interval (:func:`eval.paired.ratio_interval`)
+share of the reference's with its paired bootstrap interval (matrix_intervals' share cell)
 on the 100 rows, on the extra rows, and on all of them together.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from eval.paired import ratio_interval
+from bench.probes.matrix_intervals import _share
 from eval.report import read_report
 
 SUITE, EXTRA = "task", "task_extra"
@@ -32,28 +32,21 @@ def row_outcomes(report_path: Path) -> dict[str, dict[int, float]]:
     return out
 
 
-def share_cell(reference: list[float], candidate: list[float]) -> str:
-    if not reference or not sum(reference):
-        return ""
-    low, high = ratio_interval(reference, candidate)
-    return f"{sum(candidate) / sum(reference):.1%} [{low:.1%}, {high:.1%}]"
-
-
 def pair_row(label: str, reference_dir: Path, candidate_dir: Path) -> str:
     ref = row_outcomes(reference_dir / "forgetting_report.json")
     cand = row_outcomes(candidate_dir / "forgetting_report.json")
-    cells, pooled_ref, pooled_cand = [], [], []
-    for part in (SUITE, EXTRA):
-        lines = sorted(set(ref[part]) & set(cand[part]))
-        r, c = [ref[part][i] for i in lines], [cand[part][i] for i in lines]
-        pooled_ref += r
-        pooled_cand += c
-        n = len(lines)
-        cells.append(f"{n} | {100 * sum(r) / n:.1f} | {100 * sum(c) / n:.1f} | {share_cell(r, c)}" if n else
-                     "0 | | | ")
-    n = len(pooled_ref)
-    cells.append(f"{100 * sum(pooled_ref) / n:.1f} | {100 * sum(pooled_cand) / n:.1f} | "
-                 f"{share_cell(pooled_ref, pooled_cand)}" if n else " | | ")
+    def cell(r: dict, c: dict, with_count: bool) -> str:
+        keys = set(r) & set(c)
+        if not keys:
+            return ("0 | " if with_count else "") + " | | "
+        score = (f"{100 * sum(r[k] for k in keys) / len(keys):.1f} | {100 * sum(c[k] for k in keys) / len(keys):.1f}"
+                 f" | {_share(r, c)}")
+        return f"{len(keys)} | {score}" if with_count else score
+
+    # pooled: the two parts' rows keyed by (part, line), so suite line 3 and extra line 3 stay apart
+    pooled_ref = {(part, line): v for part in (SUITE, EXTRA) for line, v in ref[part].items()}
+    pooled_cand = {(part, line): v for part in (SUITE, EXTRA) for line, v in cand[part].items()}
+    cells = [cell(ref[part], cand[part], True) for part in (SUITE, EXTRA)] + [cell(pooled_ref, pooled_cand, False)]
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
