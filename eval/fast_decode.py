@@ -282,6 +282,12 @@ class LeanDecoder:
         """A decoder for ``model`` over ``cache``, or None where the HF forward must run instead."""
         if not ENABLED or unsupported_reason(model) is not None:
             return None
+        # Its ops run in the weights' own dtype; under an enabled autocast (e.g. a bf16 training run
+        # sampling with fp32 master weights) the in-place LoRA update would meet a bf16 product and
+        # an fp32 factor. HF's forward honours autocast; callers that want bf16 speed decode in a
+        # bf16 copy instead (generate_ids(precision="bf16"), as SDFT's rollout does).
+        if torch.is_autocast_enabled(next(model.parameters()).device.type):
+            return None
         layers = getattr(cache, "layers", None)
         if not layers or not all(isinstance(layer, CacheLayerMixin) and hasattr(layer, "capacity")
                                  and getattr(layer, "is_initialized", False) for layer in layers):

@@ -156,6 +156,18 @@ def test_greedy_on_lora_model_equals_hf_generate():
         assert got == expected, f"batch_size={batch_size}"
 
 
+def test_lora_model_under_autocast_decodes_through_hf_forward():
+    """An fp32 LoRA model sampled under a bf16 autocast (a bf16 training run's fp32 master weights): the
+    lean steps step aside (their in-place LoRA update would meet a bf16 product and an fp32 factor,
+    which crashed a real bf16 SDFT run) and the answers are HF generate's under the same autocast."""
+    model, tok = with_trained_lora(tiny_llama(seed=3, initializer_range=0.3)), tiny_tokenizer()
+    rows = prompt_ids(tok)[:4]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = [hf_generate_one(model, ids, 6, {EOS_ID}) for ids in rows]
+        got = generate_ids(model, rows, 6, stop_ids=[EOS_ID], pad_id=PAD_ID, batch_size=1)
+    assert got == expected
+
+
 def _peft_wrapped(model):
     from peft import LoraConfig, get_peft_model
 

@@ -384,6 +384,29 @@ def test_sdft_and_dft_train_in_bf16_on_cpu(tmp_path, monkeypatch, objective, met
         assert losses["true"][step] == pytest.approx(losses["false"][step], rel=5e-2)
 
 
+@pytest.mark.parametrize("bf16,expected", [("true", "bf16"), ("false", "model")])
+def test_rollouts_decode_outside_the_runs_autocast(tmp_path, monkeypatch, bf16, expected):
+    """The real sampler (no stand-in for ``sample``): a bf16 run's rollouts decode a bf16 copy of the
+    model (``precision="bf16"``) with no autocast around them, an fp32 run's the model itself; both train."""
+    import math
+
+    import eval.generate
+    import trainer.sdft
+
+    monkeypatch.setattr(trainer.sdft.SDFTObjective, "sampling", lambda self, step, rank: None)
+    calls, real = [], eval.generate.generate_ids
+
+    def recording(model, prompt_ids, *args, **kwargs):
+        calls.append((kwargs.get("precision"), torch.is_autocast_enabled("cpu")))
+        return real(model, prompt_ids, *args, **kwargs)
+
+    monkeypatch.setattr(eval.generate, "generate_ids", recording)
+    ws = _workspace(tmp_path)
+    result = train(_run_cfg(ws, tmp_path / "run", method="lora", bf16=bf16, max_steps=2, replay_ratio=0.0))
+    assert calls and all(call == (expected, False) for call in calls)
+    assert set(result.losses) == {1, 2} and all(math.isfinite(v) for v in result.losses.values())
+
+
 def _ddp_worker(rank: int, world: int, port: int, ws: dict, out: str, queue) -> None:
     import os
 

@@ -279,6 +279,13 @@ class FrozenCopyTeacher:
 # ------------------------------------------------------------------------------ the objective
 
 
+def autocast_dtype(autocast: Callable, model: nn.Module) -> torch.dtype | None:
+    """The dtype the run's autocast factory computes in on the model's device; None where it is off."""
+    device_type = next(model.parameters()).device.type
+    with autocast():
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def rollout_seed(seed: int, step: int, rank: int) -> int:
     """The rollout generator's seed of (run seed, optimizer step, rank): fixed by those three
     alone, so a resumed run draws what the straight run drew."""
@@ -323,10 +330,13 @@ class SDFTObjective:
         prompt_ids = [self.prompt_of(key).student_ids for key in keys for _ in range(g)]
         if not prompt_ids:
             return []
-        with autocast():
-            return generate_ids(model, prompt_ids, self.cfg.sdft_max_new_tokens, stop_ids=self.stop_ids,
-                                pad_id=self.pad_id, sampling=self.sampling(step, rank),
-                                batch_size=self.cfg.per_device_train_batch_size * g)
+        # A bf16 run samples from a bf16 copy of the model (eval.generate.decoding_model: only the
+        # parameters a step changed are cast again), not under the run's autocast: autocast would
+        # cast every frozen fp32 weight at every decoded token and keeps the lean decoder out.
+        precision = "bf16" if autocast_dtype(autocast, model) == torch.bfloat16 else "model"
+        return generate_ids(model, prompt_ids, self.cfg.sdft_max_new_tokens, stop_ids=self.stop_ids,
+                            pad_id=self.pad_id, sampling=self.sampling(step, rank),
+                            batch_size=self.cfg.per_device_train_batch_size * g, precision=precision)
 
     def examples(self, prompt_ids: list[int], answer: list[int]) -> Example:
         """A context whose labels are the sampled tokens after the skipped first ones."""
