@@ -1,13 +1,15 @@
 """forgetless ``objective=sdft`` against TRL 1.16's ``SDFTTrainer``: optimizer steps per second and
 peak RSS at the same settings, each side in its own fresh process, alternating order over rounds.
 
-``python -m bench.sdft_vs_trl [--rounds 2] [--steps 8] [--batch-size 4] [--max-new-tokens 24] [--out DIR]``
+``python -m bench.sdft_vs_trl [--rounds 2] [--steps 8] [--batch-size 4] [--max-new-tokens 24] [--bf16] [--out DIR]``
 
 Both sides: SmolLM2-135M-Instruct (the project's converted directory), LoRA r16 alpha 32 on every
 linear layer, the flights chat rows, one rollout per prompt of at most ``--max-new-tokens``
 sampled tokens at temperature 1, the teacher the base with the demonstration in its context (the
 paper's template), forward KL over the full vocabulary, the first 3 sampled tokens skipped, fp32
-(``bf16=false``: the matched precision; TRL runs fp32 on CPU unless told otherwise), one thread
+(``bf16=false``: the matched precision; TRL runs fp32 on CPU unless told otherwise) or, with
+``--bf16``, bf16 autocast on both sides (ours ``bf16=true``, TRL ``bf16=True``: worth measuring
+only on a CPU with native bf16, e.g. AVX512_BF16), one thread
 count for both (whatever the environment gives), no validation on either side (TRL's row runs
 none; ours with ``eval_data`` would add a 200-row validation and KL-proxy pass to the process's
 wall time and memory, not to its steps). A step's time is the median of the steps after
@@ -34,7 +36,8 @@ def ours_command(args, out: Path) -> list[str]:
             "sdft_teacher=base", "sdft_divergence=forward", f"sdft_max_new_tokens={args.max_new_tokens}",
             "sdft_num_generations=1", "sdft_temperature=1.0", "sdft_skip_tokens=3", "replay_ratio=0",
             f"per_device_train_batch_size={args.batch_size}", f"max_steps={args.steps}", "warmup_steps=5",
-            "learning_rate=1e-3", "bf16=false", "capability_suite=none", "capability_task=none",
+            "learning_rate=1e-3", f"bf16={'true' if args.bf16 else 'false'}",
+            "capability_suite=none", "capability_task=none",
             "validation_split=0", "progress=false", f"output_dir={out}"]
 
 
@@ -52,7 +55,7 @@ def ours_result(out: Path, log: str) -> dict:
 def trl_command(args, out: Path) -> list[str]:
     return [sys.executable, "-m", "bench.trl_sdft_row", "--task", "flights", "--out", str(out),
             "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-            "--max-new-tokens", str(args.max_new_tokens), "--no-score"]
+            "--max-new-tokens", str(args.max_new_tokens), "--no-score", *(["--bf16"] if args.bf16 else [])]
 
 
 def trl_result(out: Path, log: str) -> dict:
@@ -70,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (default: fp32 on both)")
     ap.add_argument("--out", default="runs/sdft_vs_trl")
     args = ap.parse_args(argv)
     root = Path(args.out)
