@@ -268,11 +268,13 @@ def side_specs(case: Case, model_dir: Path, data: Path, out: Path, device: torch
 
 
 # ----------------------------------------------------------------------------- in-process runners (probes)
-class _OnStep:
-    """A step clock that calls ``on_step()`` (bench/probes' callback style)."""
+class _OnStep(StepClock):
+    """A step clock that calls ``on_step()`` (bench/probes' callback style); a StepClock, so the
+    runners find every attribute they set (``pending_loss``, ``info``)."""
 
     def __init__(self, on_step: Callable[[], None] | None) -> None:
-        self.on_step, self.pending_loss = on_step, None
+        super().__init__("cpu")
+        self.on_step = on_step
 
     def tick(self, loss=None) -> None:
         if self.on_step is not None:

@@ -155,6 +155,20 @@ def test_ewc_and_packing_sides_get_their_own_kernels(tmp_path, monkeypatch, one_
     assert ("padded", "round2", "throughput") in pack
 
 
+@pytest.mark.parametrize("runner", ["run_ours", "run_hf"])
+def test_in_process_probe_runners_call_on_step_once_a_step(tmp_path, one_thread, runner):
+    """bench/probes (profile_step) run both sides in their own process through ``on_step``: one call
+    per optimizer step (the HF side once crashed on a clock attribute the callback clock lacked)."""
+    from bench import e2e_smollm2 as sm
+
+    model_dir = sm.write_model_dir(tmp_path, sm.QUICK_SHAPE)
+    data = sm.write_long_rows(tmp_path / "rows.jsonl", 8, 32, sm.QUICK_SHAPE.vocab)
+    calls = []
+    getattr(sm, runner)(model_dir, data, tmp_path / "out", sm.Case("lora", "fp32", 2, 32), 3, torch.device("cpu"),
+                        lambda: calls.append(1))
+    assert len(calls) == 3
+
+
 def test_gpu_check_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_check.sh")], check=True)
 
