@@ -42,6 +42,16 @@ between calls and re-made when any source parameter's storage or version counter
 step), like eval.generate's bf16 copy.  Its sums run in a different order than HF's, so float32
 logits differ from HF's by rounding (~1e-6 relative), which could flip a greedy pick only at a near tie.
 
+bf16 models on a CPU that multiplies bf16 natively (AVX512_BF16 / AMX, oneDNN's bf16 linear
+available; ``PACK_BF16``) read oneDNN-packed copies of every projection and of the LM head (q/k/v and
+gate/up stacked) at every batch size: ``torch.ops.mkldnn._linear_pointwise`` on a weight packed once
+by ``_reorder_linear_weight`` returns torch.mm's (and addmm's, bias included) products bit for bit,
+and took about half of torch.mm's time at 1 row and 0.6-0.8x at 16 rows (SmolLM2's [576 -> 1536],
+[1536 -> 576] and [576 -> 49152] GEMMs, 1 thread on a core shared with a training job, AMD EPYC with
+AVX512_BF16, 2026-12-07), where torch.mm's bf16 GEMV was slower than its fp32 one (a lean step at 1
+row: 46 ms in bf16 against 41 ms in fp32).  The packed copy costs the weights' bf16 size (0.27 GB for
+SmolLM2-135M) and is re-made like the [in, out] copy.
+
 Measured (SmolLM2-135M-Instruct, float32, 1 thread pinned to a core shared with other jobs; CPU ms
 per one-token step after a 64-token prefill, median of alternating rounds, two sessions): batch 1:
 HF forward 92 / 70, lean with the copy 57 / 48 (1.6x / 1.45x), lean on the model's tensors 70 / 59;
@@ -57,12 +67,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.backend import cpu_has_native_bf16
 from kernels.lora_layers import LoRALinear
 
 from .kv_cache import CacheLayerMixin
 
 # False sends every model through HF's forward (a switch for benchmarks and A/B checks).
 ENABLED = True
+# bf16 models on a CPU with native bf16 decode on oneDNN-packed weights (see _packs); False: torch.mm.
+PACK_BF16 = True
 # Batches of at most this many rows decode from a copy of the weights laid out [in, out] (see the
 # module docstring: 1.5-2x faster GEMVs here); larger ones from the model's own tensors.  0: never copy.
 COPY_MAX_ROWS = 2
@@ -140,7 +153,10 @@ def _project(x: torch.Tensor, linear: Linear) -> torch.Tensor:
     # (linear -> t -> matmul): measured ~15 us of a busy core's time per projection, ~2 ms a step.
     # The LoRA update as kernels.lora's torch path adds it: y += scale * (x A^T) B^T, merge-free.
     weight_t, bias, adapter = linear
-    y = torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
+    if weight_t.is_mkldnn:  # a oneDNN-packed bf16 weight (see _packs): bit for bit addmm's / mm's result
+        y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight_t, bias, "none", [], "")
+    else:
+        y = torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
     if adapter is not None:
         a_t, b_t, scale = adapter
         y.addmm_(torch.mm(x, a_t), b_t, alpha=scale)
@@ -159,10 +175,18 @@ class _LayerWeights:
     down: Linear
 
 
-def _linear(module: nn.Linear, copy: bool) -> Linear:
-    weight_t = module.weight.detach().t()
+def _linear(module: nn.Linear, layout: str) -> Linear:
     bias = module.bias.detach() if module.bias is not None else None
-    return (weight_t.contiguous() if copy else weight_t), bias, None
+    if layout == "packed":
+        return _pack(module.weight.detach()), bias, None
+    weight_t = module.weight.detach().t()
+    return (weight_t.contiguous() if layout == "copy" else weight_t), bias, None
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    # oneDNN's layout for its bf16 linear, made once: the same products as torch.mm (bit for bit,
+    # measured at 1-16 rows) in about half the time at 1 row on AVX512_BF16 (see the module doc).
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
 
 def _adapter(module: nn.Module) -> Adapter | None:
@@ -178,21 +202,24 @@ def _with_adapters(linears: list[Linear], modules: list[nn.Module]) -> list[Line
     return [(w, b, _adapter(m)) for (w, b, _), m in zip(linears, modules, strict=True)]
 
 
-def _group(modules: list[nn.Module], copy: bool) -> list[Linear]:
-    if copy and all(type(m) is nn.Linear for m in modules):
-        return _stacked(modules)
-    return [_linear(m, copy) for m in modules]
+def _group(modules: list[nn.Module], layout: str) -> list[Linear]:
+    if layout != "views" and all(type(m) is nn.Linear for m in modules):
+        return _stacked(modules, layout)
+    return [_linear(m, layout) for m in modules]
 
 
-def _stacked(modules: list[nn.Linear]) -> list[Linear]:
-    weight_t = torch.cat([m.weight.detach() for m in modules]).t().contiguous()
+def _stacked(modules: list[nn.Linear], layout: str) -> list[Linear]:
+    weight = torch.cat([m.weight.detach() for m in modules])
+    weight_t = _pack(weight) if layout == "packed" else weight.t().contiguous()
     if all(m.bias is None for m in modules):
         return [(weight_t, None, None)]
     biases = [m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules]
     return [(weight_t, torch.cat(biases), None)]
 
 
-def _build_weights(model, copy: bool) -> tuple[list[_LayerWeights], Linear]:
+def _build_weights(model, layout: str) -> tuple[list[_LayerWeights], Linear]:
+    """``layout``: "views" (the parameters themselves), "copy" ([in, out] contiguous copies) or
+    "packed" (oneDNN-packed bf16 copies)."""
     layers = []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -201,12 +228,12 @@ def _build_weights(model, copy: bool) -> tuple[list[_LayerWeights], Linear]:
         layers.append(_LayerWeights(
             input_norm=layer.input_layernorm.weight.detach(),
             input_eps=float(layer.input_layernorm.variance_epsilon),
-            qkv=_group(qkv, copy), o=_linear(attn.o_proj, copy),
+            qkv=_group(qkv, layout), o=_linear(attn.o_proj, layout),
             post_norm=layer.post_attention_layernorm.weight.detach(),
             post_eps=float(layer.post_attention_layernorm.variance_epsilon),
-            gate_up=_group(gate_up, copy),
-            down=_linear(mlp.down_proj, copy)))
-    return layers, _linear(model.lm_head, copy)
+            gate_up=_group(gate_up, layout),
+            down=_linear(mlp.down_proj, layout)))
+    return layers, _linear(model.lm_head, layout)
 
 
 def _signature(model) -> tuple:
@@ -222,15 +249,27 @@ def _signature(model) -> tuple:
 _COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _packs(model) -> bool:
+    """A bf16 model on a CPU that multiplies bf16 natively, with oneDNN's bf16 linear available."""
+    weight = model.lm_head.weight
+    return (PACK_BF16 and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            and cpu_has_native_bf16())
+
+
 def _weights(model, rows: int) -> tuple[list[_LayerWeights], Linear]:
-    if rows > COPY_MAX_ROWS or model.lm_head.weight.device.type != "cpu":
-        return _build_weights(model, copy=False)  # views of the parameters: nothing to keep
-    signature = _signature(model)
+    if _packs(model):
+        layout = "packed"  # every batch size: faster than torch.mm at 1 and at 16 rows
+    elif rows > COPY_MAX_ROWS or model.lm_head.weight.device.type != "cpu":
+        return _build_weights(model, "views")  # views of the parameters: nothing to keep
+    else:
+        layout = "copy"
+    signature = (layout, _signature(model))
     kept = _COPIES.get(model)
     if kept is not None and kept[0] == signature:
         return kept[1]
     with torch.no_grad():
-        weights = _build_weights(model, copy=True)
+        weights = _build_weights(model, layout)
     _COPIES[model] = (signature, weights)
     return weights
 

@@ -6,7 +6,8 @@ processes on a shared core count less) is recorded; ``--rounds`` rounds alternat
 Three sides: ``hf`` (the model's forward, what eval.generate ran before fast_decode), ``lean-copy``
 (the lean step on the ``[in, out]`` weight copy, what batches of <= fast_decode.COPY_MAX_ROWS rows
 use) and ``lean-views`` (the lean step on the model's own tensors, what larger batches use).
-``--lora`` wraps every projection in kernels.lora_layers.LoRALinear (r 16) first.
+``--lora`` wraps every projection in kernels.lora_layers.LoRALinear (r 16) first; ``--bf16`` casts the
+model to bf16 first (what ``eval.generate``'s ``precision="bf16"`` decodes: a bf16 copy).
 
 Run: ``OMP_NUM_THREADS=1 taskset -c 1 python -m bench.probes.fast_decode_step --batch 1 --rounds 8``.
 Seen (2026-12-06, 1 thread, a core shared with two training jobs) in eval/fast_decode.py's docstring.
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="decode a bf16 model (CPUs with native bf16)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     model = load_model(args.model)[0]
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
 
         apply_lora(model, r=16, alpha=32)
         model.eval()
+    if args.bf16:
+        model = model.to(torch.bfloat16)
     batch, plen, steps = args.batch, args.prompt_len, args.steps
     ids = torch.randint(0, model.config.vocab_size, (batch, plen), generator=torch.Generator().manual_seed(0))
     attention = torch.ones(batch, plen + steps, dtype=torch.long)
