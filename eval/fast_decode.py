@@ -46,9 +46,9 @@ bf16 models on a CPU that multiplies bf16 natively (AVX512_BF16 / AMX, oneDNN's 
 available; ``PACK_BF16``) read oneDNN-packed copies of every projection and of the LM head (q/k/v and
 gate/up stacked) at every batch size: ``torch.ops.mkldnn._linear_pointwise`` on a weight packed once
 by ``_reorder_linear_weight`` returns torch.mm's (and addmm's, bias included) products bit for bit,
-and took about half of torch.mm's time at 1 row and 0.6-0.8x at 16 rows (SmolLM2's [576 -> 1536],
-[1536 -> 576] and [576 -> 49152] GEMMs, 1 thread on a core shared with a training job, AMD EPYC with
-AVX512_BF16, 2026-12-07), where torch.mm's bf16 GEMV was slower than its fp32 one (a lean step at 1
+and took 0.40-0.61x of torch.mm's bf16 time at 1 row and 0.59-0.79x at 16 rows on SmolLM2's five
+decoding GEMM shapes (``OMP_NUM_THREADS=1 taskset -c 1 python -m bench.probes.packed_bf16_gemm``, idle
+AMD EPYC with AVX512_BF16, 2026-12-07; it also checks the bit-for-bit equality at 1-32 rows), where torch.mm's bf16 GEMV was slower than its fp32 one (a lean step at 1
 row: 46 ms in bf16 against 41 ms in fp32).  The packed copy costs the weights' bf16 size (0.27 GB for
 SmolLM2-135M) and is re-made like the [in, out] copy.
 
