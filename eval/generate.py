@@ -171,17 +171,20 @@ def wants_bf16(model, precision: str) -> bool:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "model":
         return False
-    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    # Every parameter's dtype, not the first one's: a LoRA run under bf16 holds its frozen base in
+    # bf16 (kernels.lora_layers.store_base_weights) beside fp32 embeddings, norms and factors.
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if precision == "bf16":
-        return dtype.is_floating_point and dtype != torch.bfloat16
-    return dtype == torch.float32 and model_device(model).type == "cpu" and backend.cpu_has_native_bf16()
+        return bool(dtypes - {torch.bfloat16})
+    return torch.float32 in dtypes and model_device(model).type == "cpu" and backend.cpu_has_native_bf16()
 
 
 def decoding_model(model, precision: str = "model"):
     """The module that decodes: ``model`` itself, or (see :func:`wants_bf16`) a bf16 copy of it.
 
     The copy shares nothing with ``model`` that a step writes (its parameters are bf16 tensors of
-    their own; buffers such as RoPE's inverse frequencies stay in their dtype) and is kept for the
+    their own, except those already bf16, such as a LoRA run's frozen base weights, which it shares;
+    buffers such as RoPE's inverse frequencies stay in their dtype) and is kept for the
     next call: a parameter whose storage or version counter moved (an optimizer step, a LoRA
     update) is cast again, the rest are reused, so decoding during training pays for what changed."""
     if not wants_bf16(model, precision):

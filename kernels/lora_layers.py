@@ -203,6 +203,29 @@ def lora_disabled(model: nn.Module) -> Iterator[None]:
             layer.disabled = False
 
 
+def store_base_weights(model: nn.Module, dtype: torch.dtype) -> int:
+    """Hold every LoRA layer's frozen base weight in ``dtype`` (in place: same Parameter objects,
+    new storage); returns how many parameters changed.
+
+    For a run under bf16 autocast: every matmul casts the fp32 weight to bf16 anyway (``nn.Linear``
+    under autocast and :func:`kernels.lora.lora_linear` alike), so products, losses and gradients
+    stay bit for bit the same, while the fp32 copy's 4 bytes a weight and the two casts per step
+    (forward and backward, ~2 bytes a weight each) go. A weight shared with a module that is not a
+    LoRA layer (an output embedding tied to the input one) stays as it is: outside autocast its
+    other user would see it change. Biases stay too (small, and read in fp32 by some kernels)."""
+    owners: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)] = owners.get(id(p), 0) + 1
+    changed = 0
+    for _, layer in lora_modules(model):
+        weight = layer.weight
+        if weight.dtype == dtype or not weight.is_floating_point() or owners.get(id(weight), 0) > 1:
+            continue
+        weight.data = weight.data.to(dtype)
+        changed += weight.numel()
+    return changed
+
+
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     """Every ``LoRALinear`` in ``model`` as ``(module path, layer)``, in module order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]

@@ -278,3 +278,67 @@ def test_fisher_is_accumulated_in_fp32_under_autocast(shape_t):
     bound = torch.einsum("nto,nti->noi", dy3.abs(), x3.abs())
     assert ((grad.double() - per_sample.sum(0)).abs() <= tol * bound.sum(0) + 1e-30).all()
     assert ((fisher.double() - (per_sample**2).sum(0)).abs() <= 3 * tol * (bound**2).sum(0) + 1e-30).all()
+
+
+# ----------------------------------------------------------------------- the frozen base held in bf16
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_frozen_base_held_in_bf16_changes_no_number_under_autocast(build, one_thread):
+    """``store_base_weights``: the LoRA layers' frozen weights become bf16 (the same Parameter
+    objects), everything else stays fp32, and under autocast the logits, the loss and every LoRA
+    gradient equal bit for bit those of the model holding fp32 weights (autocast rounds each weight
+    to bf16 before its matmul: the reference is torch's own autocast of the fp32 layers), with the
+    adapters on and off."""
+    from kernels.lora_layers import lora_disabled, store_base_weights
+
+    model = build()
+    apply_lora(model, r=4, alpha=8)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, layer in lora_modules(model):
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.3)
+    held = copy.deepcopy(model)
+    weights = [layer.weight for _, layer in lora_modules(held)]
+    assert store_base_weights(held, torch.bfloat16) == sum(w.numel() for w in weights)
+    assert [layer.weight for _, layer in lora_modules(held)] == weights  # same objects, new storage
+    lora_ids = {id(w) for w in weights}
+    for name, p in held.named_parameters():
+        assert p.dtype == (torch.bfloat16 if id(p) in lora_ids else torch.float32), name
+    ids = torch.randint(0, TINY_VOCAB_SIZE, (2, 11), generator=gen)
+    outs = []
+    for m in (model, held):
+        with backend.forced("torch"):
+            with _autocast():
+                out = m(input_ids=ids, labels=ids)
+                with torch.no_grad(), lora_disabled(m):
+                    base_logits = m(input_ids=ids).logits
+            out.loss.backward()
+        grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+        outs.append((out.logits, out.loss, base_logits, grads))
+    (logits, loss, base_logits, grads), (logits2, loss2, base_logits2, grads2) = outs
+    assert torch.equal(logits, logits2) and torch.equal(loss, loss2) and torch.equal(base_logits, base_logits2)
+    assert grads.keys() == grads2.keys() and len(grads) == 2 * len(weights)
+    for name, g in grads.items():
+        assert torch.equal(g, grads2[name]), name
+
+
+def test_frozen_base_shared_with_another_module_stays_fp32():
+    """A weight that a LoRA layer shares with a module that is not one (a tied output embedding)
+    keeps its dtype: outside autocast the other module would read bf16."""
+    from kernels.lora_layers import store_base_weights
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(6, 6, bias=False)
+            self.head = torch.nn.Linear(6, 6, bias=False)
+            self.head.weight = self.proj.weight
+            self.other = torch.nn.Linear(6, 6)
+
+    model = Tied()
+    apply_lora(model, r=2, alpha=4, targets=["proj", "other"])
+    assert store_base_weights(model, torch.bfloat16) == 36
+    assert model.proj.weight.dtype == torch.float32 and model.head.weight is model.proj.weight
+    assert model.other.weight.dtype == torch.bfloat16 and model.other.bias.dtype == torch.float32
+    assert store_base_weights(model, torch.bfloat16) == 0  # already held: nothing to do

@@ -407,6 +407,28 @@ def test_rollouts_decode_outside_the_runs_autocast(tmp_path, monkeypatch, bf16, 
     assert set(result.losses) == {1, 2} and all(math.isfinite(v) for v in result.losses.values())
 
 
+def test_bf16_lora_run_holds_its_base_in_bf16_and_its_numbers_do_not_move(tmp_path, monkeypatch, capsys):
+    """A bf16 LoRA run (SDFT, real greedy rollouts through the decoding copy that now shares the
+    bf16 base) holds the frozen base weights in bf16 and says so; its losses and adapter equal bit
+    for bit those of the same run holding them in fp32 (``store_base_weights`` switched off), whose
+    matmuls autocast rounds to the same bf16 weights."""
+    import kernels.lora_layers
+    import trainer.sdft
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(trainer.sdft.SDFTObjective, "sampling", lambda self, step, rank: None)
+    ws = _workspace(tmp_path)
+    kw = dict(method="lora", bf16="true", max_steps=2, replay_ratio=0.0)
+    held = train(_run_cfg(ws, tmp_path / "held", **kw))
+    assert "LoRA's frozen base weights held in bf16" in capsys.readouterr().out
+    monkeypatch.setattr(kernels.lora_layers, "store_base_weights", lambda model, dtype: 0)
+    fp32 = train(_run_cfg(ws, tmp_path / "fp32", **kw))
+    assert held.losses == fp32.losses and set(held.losses) == {1, 2}
+    a = load_file(str(held.saved_to / "adapter_model.safetensors"))
+    b = load_file(str(fp32.saved_to / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _ddp_worker(rank: int, world: int, port: int, ws: dict, out: str, queue) -> None:
     import os
 

@@ -435,6 +435,14 @@ def train(cfg: TrainConfig, on_step_end: Callable[[int, dict], None] | None = No
     cfg = self_replay(cfg, model, tokenizer, rows, ctx)
     data = tokenize_data(cfg, tokenizer, rows, ctx)
     method = prepare_method(cfg, model, tokenizer, rows, pad_id, out_dir, ctx)
+    if use_bf16 and isinstance(method.weights, LoRAWeights) and not cfg.fsdp:
+        # FSDP flattens a unit's parameters into one tensor of one dtype: its base stays fp32.
+        from kernels.lora_layers import store_base_weights
+
+        held = store_base_weights(model, torch.bfloat16)
+        if held:
+            log_main(f"memory: LoRA's frozen base weights held in bf16 ({held:,} parameters; bf16 autocast "
+                     "multiplies them in bf16 anyway, so the numbers do not change)", ctx)
     # Not under gradient checkpointing, which recomputes whole layers: the remade-h note would
     # keep gate(x) and up(x) alive past the checkpoint that meant to drop them.
     if cfg.recompute_mlp and not cfg.gradient_checkpointing:
