@@ -342,3 +342,39 @@ def test_frozen_base_shared_with_another_module_stays_fp32():
     assert model.proj.weight.dtype == torch.float32 and model.head.weight is model.proj.weight
     assert model.other.weight.dtype == torch.bfloat16 and model.other.bias.dtype == torch.float32
     assert store_base_weights(model, torch.bfloat16) == 0  # already held: nothing to do
+
+
+def test_holding_the_base_in_bf16_lets_go_of_the_checkpoints_mapping(tmp_path):
+    """``from_pretrained`` maps the safetensors file; after ``store_base_weights`` no parameter
+    points into that mapping any more (read from /proc/self/maps), so the file's fp32 pages are
+    no longer held, and every parameter kept its values."""
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    from kernels.lora_layers import store_base_weights
+
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("needs Linux's /proc/self/maps")
+    tiny_llama().save_pretrained(str(tmp_path))
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+    checkpoint = str(tmp_path / "model.safetensors")
+
+    def mapped() -> list[tuple[int, int]]:
+        with open("/proc/self/maps") as maps:
+            return [tuple(int(a, 16) for a in line.split()[0].split("-")) for line in maps
+                    if line.rstrip().endswith(checkpoint)]
+
+    def in_file(model) -> list[str]:
+        ranges = mapped()
+        return [n for n, p in model.named_parameters() if any(lo <= p.data_ptr() < hi for lo, hi in ranges)]
+
+    if not in_file(model):
+        pytest.skip("this transformers copies the checkpoint instead of mapping it")
+    apply_lora(model, r=2, alpha=4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert store_base_weights(model, torch.bfloat16) > 0
+    assert in_file(model) == []
+    for n, p in model.named_parameters():
+        want = before[n].to(p.dtype)
+        assert torch.equal(p.detach(), want), n
