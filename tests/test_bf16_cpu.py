@@ -191,6 +191,16 @@ def test_projections_reading_one_x_share_one_bf16_copy_and_keep_exact_gradients(
 # ----------------------------------------------------------------------- layers, penalty, Fisher
 
 
+def _with_live_lora(model, gen: torch.Generator):
+    """``model`` with LoRA r4 on every block linear and a non-zero B (drawn from ``gen``), so a
+    lost or doubled LoRA term shows in the outputs."""
+    apply_lora(model, r=4, alpha=8)
+    with torch.no_grad():
+        for _, layer in lora_modules(model):
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.3)
+    return model
+
+
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
 def test_lora_model_trains_under_cpu_autocast(build, one_thread):
     """A tiny model with LoRA layers (nn.Linear and GPT-2 Conv1D) under autocast against the same
@@ -199,12 +209,8 @@ def test_lora_model_trains_under_cpu_autocast(build, one_thread):
     forward and back it compounds, so the model-level check allows 16u (6%) on the gradients'
     relative norm and 4u on the loss, and mainly guards against gross errors (a LoRA term lost
     or scaled twice under autocast is an O(1) error: B is non-zero here)."""
-    model = build()
-    apply_lora(model, r=4, alpha=8)
     gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, layer in lora_modules(model):
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.3)
+    model = _with_live_lora(build(), gen)
     ids = torch.randint(0, TINY_VOCAB_SIZE, (3, 13), generator=gen)
     reference = copy.deepcopy(model).double()
     want = reference(input_ids=ids, labels=ids).loss
@@ -292,12 +298,8 @@ def test_frozen_base_held_in_bf16_changes_no_number_under_autocast(build, one_th
     adapters on and off."""
     from kernels.lora_layers import lora_disabled, store_base_weights
 
-    model = build()
-    apply_lora(model, r=4, alpha=8)
     gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for _, layer in lora_modules(model):
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.3)
+    model = _with_live_lora(build(), gen)
     held = copy.deepcopy(model)
     weights = [layer.weight for _, layer in lora_modules(held)]
     assert store_base_weights(held, torch.bfloat16) == sum(w.numel() for w in weights)
