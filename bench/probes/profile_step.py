@@ -5,8 +5,8 @@ LoRA) for 3 steps each and profiles the third with ``torch.profiler`` (CPU), pri
 self time. The profiler's overhead inflates small ops and can slow a step by a third: read the
 shares, not the absolute times.
 
-Run: ``python -m bench.probes.profile_step [layers=30] [bf16|fp32] [lora|full]`` (about 3 minutes
-for LoRA bf16 on this 2-core CPU).
+Run: ``python -m bench.probes.profile_step [layers=30] [bf16|fp32] [lora|full] [seq=512]`` (about 3
+minutes for LoRA bf16 on this 2-core CPU); batch 8 rows of ``seq`` tokens.
 
 Seen on the 2-core EPYC, idle, 2026-12-05, LoRA bf16, 8 x 512, 30 layers, commit 86d5044:
 ours: ``aten::mm`` 45% of self time, the CPU flash attention (forward + backward) 26%, the rest
@@ -31,12 +31,13 @@ def main() -> None:
     layers = int(sys.argv[1]) if len(sys.argv) > 1 else SMOLLM2_135M.layers
     precision = sys.argv[2] if len(sys.argv) > 2 else "bf16"
     method = sys.argv[3] if len(sys.argv) > 3 else "lora"
+    seq = int(sys.argv[4]) if len(sys.argv) > 4 else 512
     shape = replace(SMOLLM2_135M, layers=layers)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir = write_model_dir(root, shape)
-        data = write_long_rows(root / "rows.jsonl", 64, 512, shape.vocab)
-        case = Case(method, precision, 8, 512)
+        data = write_long_rows(root / "rows.jsonl", 64, seq, shape.vocab)
+        case = Case(method, precision, 8, seq)
         for name, runner in (("ours", run_ours), ("peer", run_hf)):
             stamps: list[float] = []
             state: dict = {}
