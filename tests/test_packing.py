@@ -30,6 +30,7 @@ from trainer.packing import (
     build_batch,
     model_inputs,
     pack_examples,
+    packed_row_budget,
     packing_support,
     probe_packing,
     resolve_layout,
@@ -109,6 +110,22 @@ def test_build_batch_packs_into_rows_of_the_longest_example():
     batch = build_batch(same, pad_id=0, packing=True)
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 5, 6]]
     assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 1, 2]]
+
+
+def test_packed_rows_take_two_short_examples_when_long_ones_set_the_width():
+    """A flights micro-batch of 16 at 10% self-replay: 14 task rows of 90 tokens, replay rows of
+    160 and 168. Rows of the longest example (168) hold one task row each with a 78-token pad
+    tail: 16 x 168 = 2,688 tokens computed for 1,588 real ones. A budget of 1.25 x 168 = 210 takes
+    two task rows a row: [168], [160] and seven [90, 90], 9 rows of 180 = 1,620 tokens."""
+    lengths = [90] * 14 + [160, 168]
+    assert packed_row_budget(lengths) == 210
+    batch = build_batch([Example(list(range(1, n + 1)), list(range(1, n + 1))) for n in lengths], pad_id=0,
+                        packing=True)
+    assert batch["input_ids"].shape == (9, 180)
+    assert sorted(batch["row_spans"][:, 2].tolist()) == sorted(lengths)  # every example once, whole
+    # Examples of one length gain nothing from wider rows: each stays a row of its own.
+    same = build_batch([Example([1] * 512, [1] * 512) for _ in range(8)], pad_id=0, packing=True)
+    assert same["input_ids"].shape == (8, 512)
 
 
 def test_padded_collate_keeps_its_keys_and_adds_shift_labels_by_hand():

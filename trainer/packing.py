@@ -160,10 +160,42 @@ def pack_examples(examples: list[Example], pad_id: int = 0, max_row_tokens: int 
     return batch
 
 
+# The row width at which a packed row's attention costs about as much as its tokens' matmuls. A
+# packed row is attended under an explicit mask, which the kernels cannot skip blocks of, so a row
+# of W tokens costs about 12 W d L FLOPs a token forward and backward (d the model width, L the
+# layers) against LoRA's 4 N (N the matmul parameters); on SmolLM2-135M that is W = 2,600 by FLOPs,
+# and CPU attention runs at about a third of the GEMMs' rate (docs/benchmarks.md, the bf16 profile),
+# so about 900; full fine-tuning's 6 N puts it higher. Only the choice among a few widths rests on it.
+ATTENTION_EQUAL_WIDTH = 1024
+# Row budgets tried, as multiples of the longest example of the micro-batch.
+ROW_WIDTH_FACTORS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
+
+
+def packed_row_budget(lengths: list[int]) -> int:
+    """The row budget :func:`build_batch` packs a micro-batch of ``lengths`` into: of the budgets
+    ``ROW_WIDTH_FACTORS`` x the longest example, the one whose :func:`pack_rows` layout ``[k, W]``
+    costs least, counting the tokens it computes and their attention, ``k W (1 + W / ATTENTION_EQUAL_WIDTH)``
+    (ties: the narrower). Why not always the longest example: when the other examples are a little
+    over half its length (task rows of 90 tokens beside self-replay rows of 170), each sits alone
+    in a row of 170 and 40% of the tokens computed are pad tails; a budget of twice the task rows
+    puts two in a row."""
+    longest, total = max(lengths), sum(lengths)
+    best_cost, best_budget = None, longest
+    for factor in ROW_WIDTH_FACTORS:
+        budget = min(total, int(longest * factor))
+        groups = pack_rows(lengths, budget)
+        width = max(sum(lengths[i] for i in group) for group in groups)
+        cost = len(groups) * width * (1 + width / ATTENTION_EQUAL_WIDTH)
+        if best_cost is None or cost < best_cost:
+            best_cost, best_budget = cost, budget
+    return best_budget
+
+
 def build_batch(examples: list[Example], pad_id: int, packing: bool) -> dict[str, torch.Tensor | int]:
-    """A micro-batch as the training loop should build it: packed into rows of at most the
-    longest example's length when ``packing`` (never more tokens nor more attention than the
-    padded batch, and no tokens spent on padding beyond the rows' tails), else padded.
+    """A micro-batch as the training loop should build it: packed into rows of the budget
+    :func:`packed_row_budget` picks when ``packing`` (its cost is never above that of rows of the
+    longest example's length, which compute no more tokens and no more attention than the padded
+    batch), else padded.
 
     Why not always one ``[1, L]`` row: an sdpa/eager mask over L tokens makes attention cost
     grow with L^2; at SmolLM2-135M's shape (width 576, 30 layers) eight rows of 512 in one row
@@ -171,7 +203,8 @@ def build_batch(examples: list[Example], pad_id: int, packing: bool) -> dict[str
     6 N FLOPs per token), where rows of 512 spend an eighth of that.
     """
     if packing:
-        return pack_examples(examples, pad_id=pad_id, max_row_tokens=max(len(ex.input_ids) for ex in examples))
+        return pack_examples(examples, pad_id=pad_id,
+                             max_row_tokens=packed_row_budget([len(ex.input_ids) for ex in examples]))
     return collate(examples, pad_id)
 
 
