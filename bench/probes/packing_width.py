@@ -1,6 +1,6 @@
 """A packed micro-batch's step at two row widths: the longest example's, and packed_row_budget's.
 
-``OMP_NUM_THREADS=1 taskset -c 0 python -m bench.probes.packing_width [--task flights] [--batches 6] [--rounds 2]``
+``OMP_NUM_THREADS=1 taskset -c 0 python -m bench.probes.packing_width [--task flights] [--batches 6]``
 
 SmolLM2-135M-Instruct with LoRA r8 on every linear layer (the trainer's defaults), bf16 autocast
 where the CPU has native bf16, the first ``--batches`` micro-batches of 16 rows that a run of
@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     task = tokenize_file(task_path, tok, 256, read_jsonl(task_path)).examples
     replay = tokenize_file(replay_path, tok, 256, read_jsonl(replay_path)).examples
     # 16 rows a batch, 1 or 2 of them replay rows (10%), alternating as the run's plan does
-    batches = [task[16 * b: 16 * b + 16 - (1 + b % 2)] + replay[2 * b: 2 * b + 1 + b % 2] for b in range(args.batches)]
+    batches = [task[16 * b: 16 * b + 16 - (1 + b % 2)] + replay[2 * b: 2 * b + 1 + b % 2]
+               for b in range(args.batches)]
     bf16 = cpu_has_native_bf16()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
@@ -74,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in (("longest", "budget") if r % 2 == 0 else ("budget", "longest")):
             times[name].append(sum(step(b[name]) for b in laid) / len(laid))
     for name, ts in times.items():
-        print(f"  {name:8s} seconds a step: median {statistics.median(ts):.2f} (rounds {', '.join(f'{t:.2f}' for t in ts)})")
-    print(f"  longest / budget: {statistics.median(times['longest']) / statistics.median(times['budget']):.2f}x")
+        rounds = ", ".join(f"{t:.2f}" for t in ts)
+        print(f"  {name:8s} seconds a step: median {statistics.median(ts):.2f} (rounds {rounds})")
+    ratio = statistics.median(times["longest"]) / statistics.median(times["budget"])
+    print(f"  longest / budget: {ratio:.2f}x")
     return 0
 
 
