@@ -97,6 +97,11 @@ def test_matrix_file_errors_name_the_problem(tmp_path, capsys):
     assert compare.main(["--matrix", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "learning_rate" in capsys.readouterr().err  # the closest valid key is suggested
     assert not (tmp_path / "o").exists()  # nothing trained
+    # No suite to score the rows on: said before anything trains, not a traceback after the first row.
+    bad.write_text(yaml.safe_dump({"common": {}, "runs": [{"name": "a"}]}))
+    assert compare.main(["--matrix", str(bad), "--out", str(tmp_path / "o"), "capability_suite=none"]) == 2
+    assert "has no capability_suite" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_the_shipped_matrix_parses_and_covers_the_issue_methods():

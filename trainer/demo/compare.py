@@ -289,7 +289,11 @@ def main(argv: list[str] | None = None) -> int:
         cli = _split_cli(args.overrides)
         rows = select_rows(rows, args.only, args.matrix)
         for row in rows:  # every row's config is checked before the first one trains
-            row_config(common, row, cli, Path(args.out))
+            if not row_config(common, row, cli, Path(args.out)).capability_suite:
+                raise MatrixError(f"row {row['name']!r} has no capability_suite: the matrix scores every "
+                                  "row against the base, so it needs one (e.g. the shipped "
+                                  "eval/suites/chat_general.jsonl); to train without scoring, use "
+                                  "python -m trainer.run")
         use_one_thread_for_small_models(Path(row_config(common, rows[0], cli, Path(args.out)).model))
         out = Path(args.out)
         start = time.time()
