@@ -174,8 +174,8 @@ ROW_WIDTH_FACTORS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
 def packed_row_budget(lengths: list[int]) -> int:
     """The row budget :func:`build_batch` packs a micro-batch of ``lengths`` into: of the budgets
     ``ROW_WIDTH_FACTORS`` x the longest example, the one whose :func:`pack_rows` layout ``[k, W]``
-    costs least, counting the tokens it computes and their attention, ``k W (1 + W / ATTENTION_EQUAL_WIDTH)``
-    (ties: the narrower). Why not always the longest example: when the other examples are a little
+    costs least, counting the tokens it computes and their attention,
+    ``k W (1 + W / ATTENTION_EQUAL_WIDTH)`` (ties: the narrower). Why not always the longest example: when the other examples are a little
     over half its length (task rows of 90 tokens beside self-replay rows of 170), each sits alone
     in a row of 170 and 40% of the tokens computed are pad tails; a budget of twice the task rows
     puts two in a row."""
