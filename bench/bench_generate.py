@@ -58,6 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="ours with compile_steps=True (torch.compile'd one-token steps; the compile is "
                              "timed apart, in the warm-up)")
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even where it is installed")
+    parser.add_argument("--hf-attention-form", action="store_true",
+                        help="bf16: ours runs attention with one query position per head, as HF does "
+                             "(eval.fast_decode.GROUP_QUERIES off): slower, outputs HF's bit for bit")
     return parser.parse_args(argv)
 
 
@@ -157,6 +160,10 @@ def llama_cpp_rate(gguf: Path | None, prompt: list[int], new_tokens: int, thread
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.hf_attention_form:
+        import eval.fast_decode
+
+        eval.fast_decode.GROUP_QUERIES = False
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in ("prompt_len", "new_tokens", "repeats"):
@@ -172,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     stops, pad_id = eos_ids(model), int(model.config.pad_token_id or 0)
     bf16 = wants_bf16(model, args.precision)
     runner = decoding_model(model, args.precision)  # HF decodes the very weights ours does
-    print(f"bench generate: model {args.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+    form = ", HF's attention form" if args.hf_attention_form else ""
+    print(f"bench generate: model {args.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params{form}, "
           f"{'bf16' if bf16 else next(runner.parameters()).dtype} decoding, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, prompts {args.prompt_len} tokens, {args.new_tokens} new, "
           f"stop {stops}", flush=True)

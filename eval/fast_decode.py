@@ -52,6 +52,14 @@ AMD EPYC with AVX512_BF16, 2026-12-07; it also checks the bit-for-bit equality a
 row: 46 ms in bf16 against 41 ms in fp32).  The packed copy costs the weights' bf16 size (0.27 GB for
 SmolLM2-135M) and is re-made like the [in, out] copy.
 
+Attention in bf16 on the CPU (``GROUP_QUERIES``): PyTorch's CPU flash attention is 3.9-5.6x slower
+in bf16 (16 rows, 64-192 cached keys) with one query position per head (HF's form) than with each
+key/value head's query heads as the query positions of one call, which the lean step then runs (same
+sums; a last-bit difference in a few outputs at some cache lengths, so bf16 greedy answers can part
+from HF's at near-ties). It was half of a bf16 step at batch 16; ``python -m
+bench.probes.decode_attention`` and docs/benchmarks.md (run AG). fp32 and fp64 keep HF's form (faster
+there) and its outputs bit for bit; fp16 too (not measured).
+
 Measured (SmolLM2-135M-Instruct, float32, 1 thread pinned to a core shared with other jobs; CPU ms
 per one-token step after a 64-token prefill, median of alternating rounds, two sessions): batch 1:
 HF forward 92 / 70, lean with the copy 57 / 48 (1.6x / 1.45x), lean on the model's tensors 70 / 59;
@@ -76,6 +84,9 @@ from .kv_cache import CacheLayerMixin
 ENABLED = True
 # bf16 models on a CPU with native bf16 decode on oneDNN-packed weights (see _packs); False: torch.mm.
 PACK_BF16 = True
+# bf16 steps on the CPU run attention with the query heads of each key/value head as the query
+# positions of one SDPA call (see LeanDecoder.step); False: one query position per head, as HF runs it.
+GROUP_QUERIES = True
 # Batches of at most this many rows decode from a copy of the weights laid out [in, out] (see the
 # module docstring: 1.5-2x faster GEMVs here); larger ones from the model's own tensors.  0: never copy.
 COPY_MAX_ROWS = 2
@@ -312,6 +323,10 @@ class LeanDecoder:
         self.cache_layers = list(cache.layers)
         if len(self.cache_layers) != len(self.layers):
             raise ValueError(f"cache has {len(self.cache_layers)} layers, the model {len(self.layers)}")
+        # bf16 on the CPU: attention with grouped queries (module docstring, GROUP_QUERIES); measured
+        # only in bf16, so fp16 keeps HF's form with fp32 and fp64.
+        self.group_queries = (GROUP_QUERIES and self.embedding.device.type == "cpu"
+                              and self.embedding.dtype == torch.bfloat16)
         half = self.head_dim // 2
         # rotate_half(x) * sin == flip_halves(x) * [-sin_first_half, sin_second_half] exactly (a sign flip).
         self._sin_sign = torch.cat([torch.full((half,), -1.0), torch.ones(half)]).to(self.embedding)
@@ -358,9 +373,14 @@ class LeanDecoder:
             cache.keys[:, :, cache.length].copy_(qk[:, heads:])
             cache.values[:, :, cache.length].copy_(v)
             cache.length = end
+            if self.group_queries:  # query head h reads key/value head h // groups, as HF's repeat_kv
+                queries = qk[:, :heads].view(rows, kv_heads, heads // kv_heads, head_dim)
+                gqa = False
+            else:
+                queries, gqa = qk[:, :heads, None], heads != kv_heads
             out = F.scaled_dot_product_attention(
-                qk[:, :heads, None], cache.keys[:, :, :end], cache.values[:, :, :end], attn_mask=mask,
-                scale=self.scaling, enable_gqa=heads != kv_heads)  # [rows, heads, 1, head_dim]
+                queries, cache.keys[:, :, :end], cache.values[:, :, :end], attn_mask=mask,
+                scale=self.scaling, enable_gqa=gqa)  # [rows, heads, 1, head_dim] or [rows, kv_heads, groups, ...]
             x = x + _project(out.reshape(rows, heads * head_dim), weights.o)
             h = _rms_norm(x, weights.post_norm, weights.post_eps)
             if len(weights.gate_up) == 1:

@@ -197,6 +197,42 @@ def test_packed_bf16_weights_give_torch_mm_logits_and_hf_greedy(build, monkeypat
         assert generate_ids(model, rows, 9, stop_ids=[EOS_ID], pad_id=PAD_ID, batch_size=1) == expected
 
 
+@pytest.mark.parametrize("build,overrides",
+                         [(tiny_llama, {}), (tiny_qwen2, {}), (tiny_llama, {"num_key_value_heads": 1})],
+                         ids=["llama-gqa", "qwen2-gqa", "llama-mqa"])
+def test_bf16_grouped_query_attention_is_float64_attention(build, overrides, monkeypatch):
+    """bf16 steps on the CPU run attention with each key/value head's query heads as one call's query
+    positions (fast_decode.GROUP_QUERIES): the SDPA calls the lean step makes have that shape, and the
+    step logits are the float64 model's within bf16 rounding, as close as HF's one-position form gets."""
+    model = model_in(build, torch.bfloat16, **overrides)
+    heads, kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
+    head_dim = model.model.layers[0].self_attn.head_dim
+    tokens = [[3, 9, 17], [4, 8, 1], [5, 7, 60], [6, 6, 2]]
+    exact = model_in(build, torch.float64, **overrides)
+    expected = [reference_logits(exact, [r + t[:step + 1] for r, t in zip(ROWS, tokens, strict=True)])
+                for step in range(3)]
+    query_shapes = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, *args, **kwargs):
+        query_shapes.append(tuple(query.shape))
+        return sdpa(query, *args, **kwargs)
+
+    errors = {}
+    for grouped in (True, False):
+        monkeypatch.setattr(fast_decode, "GROUP_QUERIES", grouped)
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        query_shapes.clear()
+        got = lean_steps(model, ROWS, tokens)
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+        step_shape = (len(ROWS), kv_heads, heads // kv_heads, head_dim) if grouped else (len(ROWS), heads, 1, head_dim)
+        assert query_shapes.count(step_shape) == 3 * model.config.num_hidden_layers, query_shapes
+        errors[grouped] = max((g.double() - e).abs().max().item() for g, e in zip(got, expected, strict=True))
+    scale = max(e.abs().max().item() for e in expected)
+    assert errors[True] < 0.05 * scale, errors  # bf16 through two layers: a few units of its 2^-8
+    assert errors[True] <= 1.5 * errors[False] + 1e-3 * scale, errors
+
+
 def _peft_wrapped(model):
     from peft import LoraConfig, get_peft_model
 

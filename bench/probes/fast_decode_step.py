@@ -10,6 +10,10 @@ use) and ``lean-views`` (the lean step on the model's own tensors, what larger b
 model to bf16 first (what ``eval.generate``'s ``precision="bf16"`` decodes: a bf16 copy).
 
 Run: ``OMP_NUM_THREADS=1 taskset -c 1 python -m bench.probes.fast_decode_step --batch 1 --rounds 8``.
+``--profile`` then runs one more round of ``hf`` and of the lean side the sampler picks at that batch
+under ``torch.profiler`` and prints both sides' ops by self CPU time (where a step's time goes; the
+profiler's overhead inflates small ops, so read shares, not absolute times). ``--threads 2`` matches
+``python -m bench generate``'s default.
 Seen (2026-12-06, 1 thread, a core shared with two training jobs) in eval/fast_decode.py's docstring.
 """
 from __future__ import annotations
@@ -35,8 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="decode a bf16 model (CPUs with native bf16)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--profile", action="store_true", help="print each side's ops by self CPU time")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    sampler_copy_rows = fast_decode.COPY_MAX_ROWS  # the sides below reset it
     model = load_model(args.model)[0]
     if args.lora:
         from kernels.lora_layers import apply_lora
@@ -90,7 +97,25 @@ def main(argv: list[str] | None = None) -> int:
     hf_median = statistics.median(times["hf"])
     for name in ("lean-copy", "lean-views"):
         print(f"hf / {name}: {hf_median / statistics.median(times[name]):.2f}x")
+    if args.profile:
+        # The lean layout the sampler itself picks at this batch size (packed bf16 ignores the switch).
+        sampler_side = "lean-copy" if batch <= sampler_copy_rows else "lean-views"
+        for name in ("hf", sampler_side):
+            print_profile(name, sides[name], prefill, steps)
     return 0
+
+
+def print_profile(name: str, side, prefill, steps: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        cache = prefill()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            side(cache)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"\n{name}: {total / steps / 1e3:.1f} ms/step profiled (self CPU time summed over ops)")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=48))
 
 
 if __name__ == "__main__":
