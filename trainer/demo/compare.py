@@ -288,21 +288,22 @@ def main(argv: list[str] | None = None) -> int:
         common, rows = load_matrix(args.matrix)
         cli = _split_cli(args.overrides)
         rows = select_rows(rows, args.only, args.matrix)
-        for row in rows:  # every row's config is checked before the first one trains
-            if not row_config(common, row, cli, Path(args.out)).capability_suite:
+        # every row's config is built and checked before the first one trains
+        configs = [row_config(common, row, cli, Path(args.out)) for row in rows]
+        for row, config in zip(rows, configs, strict=True):
+            if not config.capability_suite:
                 raise MatrixError(f"row {row['name']!r} has no capability_suite: the matrix scores every "
                                   "row against the base, so it needs one (e.g. the shipped "
                                   "eval/suites/chat_general.jsonl); to train without scoring, use "
                                   "python -m trainer.run")
-        use_one_thread_for_small_models(Path(row_config(common, rows[0], cli, Path(args.out)).model))
+        use_one_thread_for_small_models(Path(configs[0].model))
         out = Path(args.out)
         start = time.time()
         results = []
-        for row in rows:
+        for row, cfg in zip(rows, configs, strict=True):
             done = finished_rows(out, row["name"]) if args.resume else None
             if done:
                 print(f"=== {row['name']}: finished before (--resume), kept", flush=True)
-                cfg = row_config(common, row, cli, out)
                 if len(done) == 1 and cfg.interpolate == "auto" and not done[0].error:
                     done.append(resumed_interpolation(cfg, done[0]))
             results.extend(done or run_row(common, row, cli, out))
